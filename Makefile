@@ -1,0 +1,52 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
+
+.PHONY: demo test test-unit test-integration test-e2e bench proto proto-check lint redis wrk clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,demo]'
+	@touch $@
+
+# redis-server for the integration tests; CI runs as root, so apt-get works there.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq redis-server; }
+
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq wrk; }
+
+demo: $(STAMP)
+	$(BIN)/python -m extauthz demo $(if $(KEEP),--keep)
+
+test: $(STAMP) redis
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+test-integration: $(STAMP) redis
+	$(BIN)/python -m pytest -q tests/integration
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest -q tests/e2e
+
+bench: $(STAMP) wrk
+	$(BIN)/python -m tests.bench.run_bench $(BENCH_ARGS)
+
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
+proto-check: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py --check
+
+lint: $(STAMP)
+	$(BIN)/ruff check extauthz tests scripts
+	$(BIN)/mypy extauthz
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

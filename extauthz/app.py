@@ -1,0 +1,158 @@
+"""Wiring only: settings -> policy -> store -> decision core -> servers, and the shutdown order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from aiohttp import web
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from extauthz._proto.v1 import admin_pb2, admin_pb2_grpc
+from extauthz.core.decision import DecisionCore
+from extauthz.policy.watch import PolicyHolder
+from extauthz.service.admin import AdminService
+from extauthz.service.authz import AuthorizationService
+from extauthz.service.extproc import ExternalProcessorService
+from extauthz.settings import Settings
+from extauthz.store.base import Store
+from extauthz.telemetry.health import Readiness, build_http_app
+
+log = structlog.get_logger("extauthz.app")
+
+SERVICE_NAMES = (
+    external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
+    external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+
+
+def create_store(settings: Settings, clock: Callable[[], float]) -> Store:
+    """Return the store named by ``settings.store_url``: ``memory`` or a Redis URL."""
+    if settings.store_url == "memory":
+        from extauthz.store.memory import MemoryStore
+
+        return MemoryStore(max_clients=settings.memory_max_clients, ttl_s=settings.client_ttl_s, clock=clock)
+    if settings.store_url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
+        from extauthz.store.redis import RedisStore
+
+        return RedisStore.from_url(
+            settings.store_url, timeout_s=settings.decision_budget_s, ttl_s=settings.client_ttl_s, clock=clock
+        )
+    raise ValueError(f"store_url: expected 'memory' or a redis:// URL, got {settings.store_url!r}")
+
+
+@dataclass
+class Guard:
+    """A running guard: both servers, the policy watcher and what they share."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    grpc_port: int
+    http_runner: web.AppRunner
+    http_port: int
+    policy: PolicyHolder
+    store: Store
+    readiness: Readiness
+    health: health_aio.HealthServicer
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Drain: health NOT_SERVING first, wait ``drain_s``, let in-flight requests finish, close."""
+        self.readiness.start_draining()
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", drain_s=self.settings.drain_s)
+        if self.settings.drain_s:
+            await asyncio.sleep(self.settings.drain_s)
+        for task in self.tasks:
+            task.cancel()
+        await self.server.stop(grace_s)
+        await self.http_runner.cleanup()
+        await self.store.close()
+        log.info("stopped")
+
+
+async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -> Guard:
+    """Start the gRPC and HTTP servers; ports 0 pick free ones (see ``Guard.grpc_port``)."""
+    policy = PolicyHolder(settings.policy_path, clock=clock)
+    store = create_store(settings, clock)
+    core = DecisionCore(lambda: policy.current, store, clock=clock, budget_s=settings.decision_budget_s)
+    readiness = Readiness()
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+            ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+    )
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(core), server)
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessorService(core, max_body_bytes=settings.max_message_bytes), server
+    )
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        AdminService(core, token_file=settings.admin_token_file, clock=clock), server
+    )
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    if grpc_port == 0:
+        raise OSError(f"cannot bind the gRPC port {settings.host}:{settings.grpc_port}")
+
+    http_runner = web.AppRunner(build_http_app(readiness, store.ping), access_log=None)
+    await http_runner.setup()
+    site = web.TCPSite(http_runner, settings.host, settings.http_port)
+    await site.start()
+    http_port = _bound_port(http_runner, settings.http_port)
+
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    readiness.set_ready(True)
+    guard = Guard(settings, server, grpc_port, http_runner, http_port, policy, store, readiness, health)
+    guard.tasks.append(asyncio.create_task(policy.watch(settings.reload_interval_s)))
+    log.info(
+        "serving",
+        grpc=f"{settings.host}:{grpc_port}",
+        http=f"{settings.host}:{http_port}",
+        policy=policy.current.source,
+        store=settings.store_url.split("@")[-1],
+        budget_ms=settings.decision_budget_ms,
+    )
+    return guard
+
+
+def _bound_port(runner: web.AppRunner, requested: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    return requested
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop."""
+    guard = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal_received")
+    await guard.stop()

@@ -1,0 +1,1 @@
+"""Pure decisions: no grpc, no redis. Everything here tests without sockets."""

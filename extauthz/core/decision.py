@@ -1,0 +1,142 @@
+"""The one decision core shared by Check and ext_proc's request_headers.
+
+identity -> deny list -> store (bounded by the decision budget) -> risk level -> action.
+Pure of grpc and redis: the store is a Protocol and the clock is injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from extauthz.core.identity import Identity, RequestInfo, identify, in_networks
+from extauthz.core.risk import Action, RiskLevel
+from extauthz.policy.loader import Snapshot
+from extauthz.store.base import ClientRecord, Store, StoreError
+from extauthz.telemetry import metrics
+
+log = structlog.get_logger("extauthz.decision")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A verdict with its reasons. ``enforced`` is False in shadow mode, where the
+    service allows whatever ``action`` says and only logs it."""
+
+    action: Action
+    identity: Identity
+    level: RiskLevel
+    reasons: tuple[str, ...] = ()
+    status: int = 200
+    retry_after_s: int = 0
+    enforced: bool = True
+
+    @property
+    def allowed(self) -> bool:
+        return self.action is Action.ALLOW or not self.enforced
+
+    @property
+    def error(self) -> str:
+        """The stable code shown to the client in a refusal body."""
+        return self.reasons[0] if self.reasons else self.action.value
+
+
+_STATUS = {Action.ALLOW: 200, Action.THROTTLE: 429, Action.CHALLENGE: 401, Action.BLOCK: 403}
+
+
+class DecisionCore:
+    """Decide allow / throttle / challenge / block for one request."""
+
+    def __init__(
+        self,
+        policy: Callable[[], Snapshot],
+        store: Store,
+        *,
+        clock: Callable[[], float],
+        budget_s: float,
+    ) -> None:
+        self._policy = policy
+        self._store = store
+        self._clock = clock
+        self._budget_s = budget_s
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    def snapshot(self) -> Snapshot:
+        return self._policy()
+
+    async def decide(self, request: RequestInfo, *, snapshot: Snapshot | None = None) -> Decision:
+        """Return the verdict for ``request`` and charge it to the client's record."""
+        snapshot = snapshot or self._policy()
+        policy = snapshot.policy
+        identity = identify(request, snapshot)
+        enforced = policy.mode == "enforce"
+        if identity.error:
+            # A key the policy does not know: no challenge can fix it, so refuse with 401.
+            return self._verdict(Action.BLOCK, identity, RiskLevel.NORMAL, (identity.error,), enforced,
+                                 status=401)
+        deny = policy.deny
+        if (
+            identity.client_id in deny.clients
+            or (identity.key_sha256 and identity.key_sha256 in deny.key_sha256)
+            or in_networks(identity.address, deny.networks)
+        ):
+            return self._verdict(Action.BLOCK, identity, RiskLevel.ABUSIVE, ("deny_list",), enforced)
+        record = await self.charge(identity, requests=1, instances=0, snapshot=snapshot)
+        if record is None:
+            if policy.fail_modes.store == "deny":
+                return self._verdict(Action.BLOCK, identity, RiskLevel.NORMAL, ("store_unavailable",),
+                                     enforced, status=503)
+            return self._verdict(Action.ALLOW, identity, RiskLevel.NORMAL, ("store_unavailable",), enforced)
+        return self.judge(identity, record, snapshot)
+
+    def judge(self, identity: Identity, record: ClientRecord, snapshot: Snapshot) -> Decision:
+        """Turn a client's record into a verdict (no I/O)."""
+        policy = snapshot.policy
+        enforced = policy.mode == "enforce"
+        level = RiskLevel.NORMAL
+        reasons: list[str] = []
+        if record.pinned_level:
+            try:
+                level = RiskLevel.parse(record.pinned_level)
+                reasons.append(f"pinned_{level.label}")
+            except ValueError:
+                log.warning("bad_pinned_level", client=identity.client_id, level=record.pinned_level)
+        if record.blocked:
+            return self._verdict(Action.BLOCK, identity, RiskLevel.ABUSIVE, ("operator_block", *reasons), enforced)
+        action = policy.levels.action_for(level)
+        retry = policy.retry_after_s if action is Action.THROTTLE else 0
+        return self._verdict(action, identity, level, tuple(reasons), enforced, retry_after_s=retry)
+
+    async def charge(
+        self, identity: Identity, *, requests: int, instances: int, snapshot: Snapshot | None = None
+    ) -> ClientRecord | None:
+        """Add to the client's counters within the decision budget; ``None`` when the store failed."""
+        try:
+            async with asyncio.timeout(self._budget_s):
+                return await self._store.record(
+                    identity.client_id, tier=identity.tier, requests=requests, instances=instances,
+                    now=self._clock(),
+                )
+        except (StoreError, TimeoutError) as exc:
+            metrics.ERRORS.labels("store_unavailable").inc()
+            log.warning("store_unavailable", error=type(exc).__name__, detail=str(exc)[:200])
+            return None
+
+    def _verdict(
+        self,
+        action: Action,
+        identity: Identity,
+        level: RiskLevel,
+        reasons: tuple[str, ...],
+        enforced: bool,
+        *,
+        status: int | None = None,
+        retry_after_s: int = 0,
+    ) -> Decision:
+        return Decision(action, identity, level, reasons, status or _STATUS[action], retry_after_s, enforced)

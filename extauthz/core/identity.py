@@ -1,0 +1,90 @@
+"""Who is calling: API key, JWT claims, or the client address Envoy computed."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from extauthz.policy.loader import Snapshot
+
+IdentityKind = Literal["api_key", "jwt", "anonymous"]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """The parts of an HTTP request the decision core reads, free of any Envoy proto.
+
+    ``headers`` have lower-case names. ``source_address`` is the client IP that Envoy
+    computed (honouring its own trusted-hops settings), without a port.
+    ``jwt_payload`` holds verified claims from Envoy's jwt_authn filter, when present.
+    """
+
+    headers: Mapping[str, str]
+    source_address: str
+    path: str = "/"
+    method: str = "GET"
+    jwt_payload: Mapping[str, Any] | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The client a request is charged to. ``client_id`` is opaque and never the raw key."""
+
+    client_id: str
+    tier: str
+    kind: IdentityKind
+    key_sha256: str = ""
+    address: str = ""
+    error: str = field(default="", compare=False)
+
+
+def identify(request: RequestInfo, snapshot: Snapshot) -> Identity:
+    """Resolve the caller; ``error`` is ``invalid_api_key`` for a key the policy does not know."""
+    policy = snapshot.policy
+    address = normalize_address(request.source_address)
+    raw_key = request.headers.get(policy.identity.api_key_header, "")
+    if raw_key:
+        digest = hashlib.sha256(raw_key.encode("utf-8", "surrogateescape")).hexdigest()
+        key = snapshot.keys_by_sha256.get(digest)
+        if key is not None:
+            return Identity(f"key:{key.name}", key.tier, "api_key", digest, address)
+        if policy.identity.unknown_key == "deny":
+            return Identity(f"key:{digest[:16]}", policy.identity.anonymous_tier, "api_key", digest, address,
+                            error="invalid_api_key")
+    jwt = policy.identity.jwt
+    if jwt is not None and request.jwt_payload:
+        subject = request.jwt_payload.get(jwt.subject_claim)
+        if isinstance(subject, str) and subject:
+            issuer = str(request.jwt_payload.get("iss", ""))
+            tier = request.jwt_payload.get(jwt.tier_claim)
+            if not isinstance(tier, str) or tier not in policy.tiers:
+                tier = jwt.default_tier
+            opaque = hashlib.sha256(f"{issuer}\0{subject}".encode()).hexdigest()[:16]
+            return Identity(f"jwt:{opaque}", tier, "jwt", address=address)
+    return Identity(f"ip:{address}", policy.identity.anonymous_tier, "anonymous", address=address)
+
+
+def normalize_address(text: str) -> str:
+    """Return the bare IP of ``text`` (``1.2.3.4:5678``, ``[::1]:80``, ``::1``), or ``unknown``."""
+    text = text.strip()
+    if not text:
+        return "unknown"
+    if text.startswith("["):
+        text = text[1:].split("]", 1)[0]
+    elif text.count(":") == 1:
+        text = text.rsplit(":", 1)[0]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return "unknown"
+
+
+def in_networks(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    if not networks or address == "unknown":
+        return False
+    ip = ipaddress.ip_address(address)
+    return any(ip in net for net in networks)

@@ -1,0 +1,97 @@
+"""The local stack: demo model + guard + real Envoy on free loopback ports, started and stopped together."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from extauthz.demo import stack
+
+_BASE_IDS = itertools.count(int.from_bytes(os.urandom(2), "big") % 20_000 + 1_000)
+
+
+class LocalStack:
+    """Start the model, the guard (with ``policy`` and an admin token) and Envoy; stop them all.
+
+    Ports are picked free unless ``fixed_ports`` (the contract's 8080/9901/9191/8081, 9192).
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: Path | None,
+        workdir: Path | None = None,
+        fixed_ports: bool = False,
+        guard_args: Sequence[str] = (),
+    ) -> None:
+        self._own_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="extauthz-stack-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if fixed_ports:
+            self.ports = stack.Ports(listener=8080, admin=9901, guard=9191, model=8081)
+            self.guard_http_port = 9192
+        else:
+            self.ports = stack.Ports.free()
+            self.guard_http_port = stack.free_port()
+        self.policy = policy
+        self.admin_token_file = self.workdir / "admin-token"
+        self.admin_token_file.write_text(secrets.token_urlsafe(32) + "\n")
+        self.admin_token_file.chmod(0o600)
+        self._guard_args = list(guard_args)
+        self.base_id = next(_BASE_IDS)
+        self.model: stack.Process | None = None
+        self.guard: stack.Process | None = None
+        self.envoy: stack.Process | None = None
+
+    @property
+    def admin_target(self) -> str:
+        return f"127.0.0.1:{self.ports.guard}"
+
+    @property
+    def admin_token(self) -> str:
+        return self.admin_token_file.read_text().strip()
+
+    def start(self) -> LocalStack:
+        try:
+            self.model = stack.start_model(port=self.ports.model, workdir=self.workdir)
+            self.start_guard()
+            config = stack.render_envoy_config(self.ports)
+            self.envoy = stack.start_envoy(
+                config, workdir=self.workdir, base_id=self.base_id, admin_port=self.ports.admin
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_guard(self) -> stack.Process:
+        """(Re)start the guard alone, e.g. after a test stopped it."""
+        args = ["--admin-token-file", str(self.admin_token_file), "--drain-s", "0",
+                "--reload-interval-s", "0.2", *self._guard_args]
+        self.guard = stack.start_guard(
+            policy=self.policy, grpc_port=self.ports.guard, http_port=self.guard_http_port,
+            workdir=self.workdir, extra_args=args,
+        )
+        return self.guard
+
+    def stop(self) -> None:
+        for proc in (self.envoy, self.guard, self.model):
+            if proc is not None:
+                proc.stop()
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.cleanup()

@@ -1,0 +1,197 @@
+"""The policy: one YAML document validated into immutable objects.
+
+Pydantic does the validation because its errors carry the location of every bad field,
+which ``loader`` turns into YAML paths such as ``tiers.free.max_instances``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from extauthz.core.risk import Action, RiskLevel
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+class ApiKey(_Frozen):
+    """One API key, stored only as the SHA-256 hex digest of the key."""
+
+    name: str = Field(description="label shown to operators; the client id is key:<name>")
+    sha256: str
+    tier: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be 1-63 characters of a-z, 0-9, '_', '.', '-'")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        value = value.lower()
+        if not _SHA256_HEX.match(value):
+            raise ValueError("must be the 64-character hex SHA-256 of the key")
+        return value
+
+
+class JwtIdentity(_Frozen):
+    """Where Envoy's jwt_authn filter leaves verified claims (``payload_in_metadata``)."""
+
+    namespace: str = "envoy.filters.http.jwt_authn"
+    payload_key: str = "jwt_payload"
+    subject_claim: str = "sub"
+    tier_claim: str = "tier"
+    default_tier: str = "free"
+
+
+class Identity(_Frozen):
+    api_key_header: str = "x-api-key"
+    api_keys: tuple[ApiKey, ...] = ()
+    keys_file: str | None = Field(
+        default=None, description="YAML file with more api_keys (a k8s Secret); reloaded with the policy"
+    )
+    unknown_key: Literal["deny", "anonymous"] = "deny"
+    jwt: JwtIdentity | None = JwtIdentity()
+    anonymous_tier: str = "anonymous"
+
+    @field_validator("api_key_header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        value = value.lower()
+        if not re.match(r"^[a-z0-9-]+$", value):
+            raise ValueError("must be an HTTP header name")
+        return value
+
+
+class OutputPolicy(_Frozen):
+    """How much detail answers keep. Response protection adds policies here."""
+
+    policy: Literal["passthrough", "round"] = "passthrough"
+    decimals: Annotated[int, Field(ge=0, le=12)] = 4
+
+
+class Tier(_Frozen):
+    max_instances: Annotated[int, Field(gt=0, description="instances one request may carry")] = 64
+    output: OutputPolicy = OutputPolicy()
+
+
+class Levels(_Frozen):
+    """The action each risk level leads to."""
+
+    normal: Action = Action.ALLOW
+    elevated: Action = Action.ALLOW
+    suspicious: Action = Action.CHALLENGE
+    abusive: Action = Action.BLOCK
+
+    @field_validator("normal", "elevated", "suspicious", "abusive", mode="before")
+    @classmethod
+    def _action(cls, value: object) -> object:
+        return Action.parse(value) if isinstance(value, str) else value
+
+    def action_for(self, level: RiskLevel) -> Action:
+        action: Action = getattr(self, level.label)
+        return action
+
+
+class DenyList(_Frozen):
+    clients: frozenset[str] = frozenset()
+    key_sha256: frozenset[str] = frozenset()
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _digests(cls, values: frozenset[str]) -> frozenset[str]:
+        lowered = frozenset(v.lower() for v in values)
+        bad = sorted(v for v in lowered if not _SHA256_HEX.match(v))
+        if bad:
+            raise ValueError(f"not a SHA-256 hex digest: {bad[0]!r}")
+        return lowered
+
+
+class Route(_Frozen):
+    """A protected model route: requests under ``prefix`` are parsed by ``dialect``."""
+
+    prefix: str
+    dialect: Literal["kserve_v1", "oip_v2", "auto"] = "auto"
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
+
+
+class FailModes(_Frozen):
+    """What happens when a part of the guard cannot answer."""
+
+    store: Literal["allow", "deny"] = "allow"
+    body: Literal["deny", "charge_max"] = "deny"
+
+
+class Policy(_Frozen):
+    """The whole policy; one immutable snapshot serves each request."""
+
+    version: Literal[1] = 1
+    mode: Literal["enforce", "shadow"] = "enforce"
+    identity: Identity = Identity()
+    tiers: dict[str, Tier] = Field(
+        default_factory=lambda: {"anonymous": Tier(), "free": Tier(), "trusted": Tier()}
+    )
+    levels: Levels = Levels()
+    deny: DenyList = DenyList()
+    routes: tuple[Route, ...] = (
+        Route(prefix="/v1/models/", dialect="kserve_v1"),
+        Route(prefix="/v2/models/", dialect="oip_v2"),
+    )
+    fail_modes: FailModes = FailModes()
+    retry_after_s: Annotated[int, Field(gt=0)] = 60
+
+    @field_validator("tiers")
+    @classmethod
+    def _tier_names(cls, value: dict[str, Tier]) -> dict[str, Tier]:
+        if not value:
+            raise ValueError("must declare at least one tier")
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(f"tier name {name!r}: must be 1-63 characters of a-z, 0-9, '_', '.', '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> Policy:
+        tiers = self.tiers
+        if self.identity.anonymous_tier not in tiers:
+            raise ValueError(f"identity.anonymous_tier: unknown tier {self.identity.anonymous_tier!r}")
+        if self.identity.jwt is not None and self.identity.jwt.default_tier not in tiers:
+            raise ValueError(f"identity.jwt.default_tier: unknown tier {self.identity.jwt.default_tier!r}")
+        seen: set[str] = set()
+        for index, key in enumerate(self.identity.api_keys):
+            if key.tier not in tiers:
+                raise ValueError(f"identity.api_keys[{index}].tier: unknown tier {key.tier!r}")
+            if key.sha256 in seen:
+                raise ValueError(f"identity.api_keys[{index}].sha256: duplicate key")
+            seen.add(key.sha256)
+        return self
+
+    def tier(self, name: str) -> Tier:
+        return self.tiers[name]
+
+    def route_for(self, path: str) -> Route | None:
+        """Return the first protected route whose prefix matches ``path``, ignoring case as
+        Envoy's model routes do, so ``/V1/Models/`` cannot skip protection."""
+        lowered = path.lower()
+        for route in self.routes:
+            if lowered.startswith(route.prefix.lower()):
+                return route
+        return None

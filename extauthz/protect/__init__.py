@@ -1,0 +1,1 @@
+"""Response protection: less detail, argmax-preserving noise, watermarks."""

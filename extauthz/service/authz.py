@@ -1,0 +1,95 @@
+"""Envoy's ext_authz Check: translate the CheckRequest, ask the decision core, answer."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import structlog
+from envoy.service.auth.v3 import external_auth_pb2 as auth_pb2
+from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc
+
+from extauthz.core.decision import Decision, DecisionCore
+from extauthz.core.identity import RequestInfo
+from extauthz.policy.loader import Snapshot
+from extauthz.service import envoy
+from extauthz.telemetry import metrics
+
+log = structlog.get_logger("extauthz.check")
+
+
+def request_from_check(request: auth_pb2.CheckRequest, snapshot: Snapshot) -> RequestInfo:
+    """Read the parts of a CheckRequest the decision core needs."""
+    attributes = request.attributes
+    http = attributes.request.http
+    if http.headers:
+        headers: dict[str, str] = dict(http.headers)
+    else:
+        headers = envoy.header_map_to_dict(http.header_map)
+    jwt_payload = None
+    jwt = snapshot.policy.identity.jwt
+    if jwt is not None and jwt.namespace in attributes.metadata_context.filter_metadata:
+        namespace = attributes.metadata_context.filter_metadata[jwt.namespace]
+        if jwt.payload_key in namespace.fields:
+            value = namespace.fields[jwt.payload_key]
+            if value.WhichOneof("kind") == "struct_value":
+                jwt_payload = envoy.struct_to_python(value.struct_value)
+    return RequestInfo(
+        headers=headers,
+        source_address=attributes.source.address.socket_address.address,
+        path=http.path or "/",
+        method=http.method or "GET",
+        jwt_payload=jwt_payload,
+        request_id=http.id or headers.get("x-request-id", ""),
+    )
+
+
+class AuthorizationService(auth_grpc.AuthorizationServicer):
+    """``envoy.service.auth.v3.Authorization``: one unary Check per HTTP request."""
+
+    def __init__(self, core: DecisionCore) -> None:
+        self._core = core
+
+    async def Check(  # noqa: N802 - the gRPC method name
+        self, request: auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.CheckResponse:
+        started = time.perf_counter()
+        try:
+            snapshot = self._core.snapshot()
+            info = request_from_check(request, snapshot)
+            decision = await self._core.decide(info, snapshot=snapshot)
+            response = answer(decision, info.request_id)
+        except Exception:  # never let a message crash the handler; Envoy applies its failure mode
+            metrics.ERRORS.labels("internal_error").inc()
+            log.exception("check_failed")
+            body = envoy.error_body("internal_error", "the guard failed to decide")
+            return envoy.check_denied(503, [("content-type", "application/json")], body)
+        metrics.DECISION_SECONDS.labels("check").observe(time.perf_counter() - started)
+        metrics.DECISIONS.labels("check", decision.action.value, decision.identity.tier).inc()
+        _log_decision(decision, info.request_id)
+        return response
+
+
+def answer(decision: Decision, request_id: str) -> auth_pb2.CheckResponse:
+    """Turn a decision into Envoy's CheckResponse (shadow mode always allows)."""
+    if decision.allowed:
+        return envoy.check_ok(decision)
+    status, headers, body = envoy.refusal(decision, request_id=request_id)
+    return envoy.check_denied(status, headers, body, envoy.decision_struct(decision))
+
+
+def _log_decision(decision: Decision, request_id: str) -> None:
+    fields = {
+        "client": decision.identity.client_id,
+        "tier": decision.identity.tier,
+        "level": decision.level.label,
+        "action": decision.action.value,
+        "reasons": decision.reasons,
+        "request_id": request_id,
+    }
+    if not decision.enforced and decision.action.value != "allow":
+        log.info("check_shadow_refusal", **fields)
+    elif decision.allowed:
+        log.debug("check_decided", **fields)
+    else:
+        log.info("check_decided", **fields)

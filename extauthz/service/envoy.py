@@ -1,0 +1,233 @@
+"""Pure proto helpers: read requests, build Check answers, ext_proc mutations and immediate responses."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as auth_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as proc_pb2
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from extauthz.core.decision import Decision
+from extauthz.core.risk import Action
+
+UPSTREAM_CLIENT = "x-extauthz-client"
+UPSTREAM_TIER = "x-extauthz-tier"
+UPSTREAM_RISK = "x-extauthz-risk"
+
+EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+EXT_PROC_NAMESPACE = "extauthz"
+EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
+
+_JSON = "application/json"
+_MESSAGES = {
+    "deny_list": "this client is not allowed to use the API",
+    "operator_block": "this client has been blocked by an operator",
+    "invalid_api_key": "the API key is not valid",
+    "store_unavailable": "the service cannot decide right now; try again shortly",
+}
+_DENY_MESSAGES = {
+    Action.THROTTLE: "too many requests; retry after the time given in Retry-After",
+    Action.CHALLENGE: "a challenge must be solved before this client may continue",
+    Action.BLOCK: "this client may not use the API",
+}
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def header_map_to_dict(header_map: base_pb2.HeaderMap) -> dict[str, str]:
+    """Return an ext_proc HeaderMap as a dict with lower-case names (duplicates comma-joined)."""
+    result: dict[str, str] = {}
+    for header in header_map.headers:
+        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        key = header.key.lower()
+        result[key] = f"{result[key]},{value}" if key in result else value
+    return result
+
+
+def struct_value(struct: struct_pb2.Struct, key: str) -> str:
+    """Return the string (or number as text) at ``key`` in ``struct``, or ``""``."""
+    if key not in struct.fields:
+        return ""
+    value = struct.fields[key]
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        return repr(value.number_value)
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    return ""
+
+
+def struct_to_python(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """Convert a Struct to plain Python values."""
+    from google.protobuf.json_format import MessageToDict
+
+    converted: dict[str, Any] = MessageToDict(struct)
+    return converted
+
+
+def decision_struct(decision: Decision) -> struct_pb2.Struct:
+    """The dynamic metadata fields every path emits: client, tier, risk, level, action, reasons."""
+    struct = struct_pb2.Struct()
+    struct.update(
+        {
+            "client": decision.identity.client_id,
+            "tier": decision.identity.tier,
+            "risk": decision.level.label,
+            "level": int(decision.level),
+            "action": decision.action.value,
+            "reasons": ",".join(decision.reasons),
+            "enforced": decision.enforced,
+        }
+    )
+    return struct
+
+
+def upstream_headers(decision: Decision) -> list[tuple[str, str]]:
+    return [
+        (UPSTREAM_CLIENT, decision.identity.client_id),
+        (UPSTREAM_TIER, decision.identity.tier),
+        (UPSTREAM_RISK, decision.level.label),
+    ]
+
+
+# --- refusals ----------------------------------------------------------------------------------
+
+
+def refusal(decision: Decision, *, request_id: str = "") -> tuple[int, list[tuple[str, str]], bytes]:
+    """Return (status, headers, JSON body) for a decision that refuses the request."""
+    message = _MESSAGES.get(decision.error) or _DENY_MESSAGES.get(decision.action, "refused")
+    document: dict[str, Any] = {
+        "error": decision.error,
+        "action": decision.action.value,
+        "message": message,
+    }
+    headers = [("content-type", _JSON), ("cache-control", "no-store")]
+    if decision.retry_after_s:
+        document["retry_after_s"] = decision.retry_after_s
+        headers.append(("retry-after", str(decision.retry_after_s)))
+    if decision.status == 401:
+        scheme = "ExtauthzPoW" if decision.action is Action.CHALLENGE else "ApiKey"
+        headers.append(("www-authenticate", f'{scheme} realm="extauthz"'))
+    if request_id:
+        document["request_id"] = request_id
+    return decision.status, headers, json.dumps(document, separators=(",", ":")).encode()
+
+
+def error_body(code: str, message: str, *, request_id: str = "") -> bytes:
+    document = {"error": code, "message": message}
+    if request_id:
+        document["request_id"] = request_id
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+# --- Check answers ------------------------------------------------------------------------------
+
+
+def _header_options(pairs: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValueOption]:
+    overwrite = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    return [
+        base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v), append_action=overwrite)
+        for k, v in pairs
+    ]
+
+
+def check_ok(decision: Decision) -> auth_pb2.CheckResponse:
+    """Allow, sending the client's id, tier and risk upstream and the decision as metadata."""
+    return auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=auth_pb2.OkHttpResponse(headers=_header_options(upstream_headers(decision))),
+        dynamic_metadata=decision_struct(decision),
+    )
+
+
+def check_denied(status: int, headers: list[tuple[str, str]], body: bytes,
+                 metadata: struct_pb2.Struct | None = None) -> auth_pb2.CheckResponse:
+    code = code_pb2.UNAVAILABLE if status >= 500 else code_pb2.PERMISSION_DENIED
+    return auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code),
+        denied_response=auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            headers=_header_options(headers),
+            body=body.decode("utf-8"),
+        ),
+        dynamic_metadata=metadata,
+    )
+
+
+# --- ext_proc answers ----------------------------------------------------------------------------
+
+
+def header_mutation(
+    set_headers: Iterable[tuple[str, str]] = (), remove: Iterable[str] = ()
+) -> proc_pb2.HeaderMutation:
+    overwrite = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    return proc_pb2.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=k, raw_value=v.encode("utf-8")), append_action=overwrite
+            )
+            for k, v in set_headers
+        ],
+        remove_headers=list(remove),
+    )
+
+
+def immediate(
+    status: int, headers: Iterable[tuple[str, str]], body: bytes, *, details: str = "",
+    metadata: Mapping[str, struct_pb2.Struct] | None = None,
+) -> proc_pb2.ProcessingResponse:
+    """An ImmediateResponse: Envoy answers the client with it and ends the stream."""
+    response = proc_pb2.ProcessingResponse(
+        immediate_response=proc_pb2.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            headers=header_mutation(headers),
+            body=body,
+            details=details,
+        )
+    )
+    if metadata:
+        _put_metadata(response, metadata)
+    return response
+
+
+def _put_metadata(response: proc_pb2.ProcessingResponse, metadata: Mapping[str, struct_pb2.Struct]) -> None:
+    for namespace, struct in metadata.items():
+        response.dynamic_metadata.fields[namespace].struct_value.CopyFrom(struct)
+
+
+def continue_response(
+    phase: str,
+    *,
+    mutation: proc_pb2.HeaderMutation | None = None,
+    body: bytes | None = None,
+    metadata: Mapping[str, struct_pb2.Struct] | None = None,
+    mode_override: Any = None,
+) -> proc_pb2.ProcessingResponse:
+    """Answer ``phase`` (``request_headers``, ``response_body``, ...) with CONTINUE and optional changes."""
+    response = proc_pb2.ProcessingResponse()
+    if phase.endswith("_trailers"):
+        getattr(response, phase).SetInParent()
+        if mutation is not None:
+            getattr(response, phase).header_mutation.CopyFrom(mutation)
+    else:
+        getattr(response, phase).response.SetInParent()
+        common = getattr(response, phase).response
+        common.status = proc_pb2.CommonResponse.CONTINUE
+        if mutation is not None:
+            common.header_mutation.CopyFrom(mutation)
+        if body is not None:
+            common.body_mutation.body = body
+    if metadata:
+        _put_metadata(response, metadata)
+    if mode_override is not None:
+        response.mode_override.CopyFrom(mode_override)
+    return response

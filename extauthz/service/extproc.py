@@ -1,0 +1,345 @@
+"""Envoy's ext_proc Process: the per-request stream state machine.
+
+request_headers  -> identity, route, and (without a Check verdict in metadata) the full decision
+request_body     -> parse model inputs by dialect, count instances, charge them
+response_headers -> decide whether the answer needs a rewrite; skip its body otherwise
+response_body    -> apply the tier's output policy, re-serialize with a correct content-length
+
+Streams the guard does not understand (unknown paths, out-of-order or duplicated messages) pass
+through; on a protected route a body the guard cannot read is refused or charged by policy.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as proc_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as proc_grpc
+from google.protobuf import struct_pb2
+
+from extauthz.core.decision import Decision, DecisionCore
+from extauthz.core.identity import Identity, RequestInfo, identify
+from extauthz.core.risk import Action, RiskLevel
+from extauthz.dialects import Dialect, DialectError, detect_dialect, get_dialect
+from extauthz.policy.loader import Snapshot
+from extauthz.policy.model import Route
+from extauthz.protect.perturb import apply_output_policy
+from extauthz.service import envoy
+from extauthz.telemetry import metrics
+
+log = structlog.get_logger("extauthz.ext_proc")
+
+_MODE = mode_pb2.ProcessingMode
+# Tell Envoy to send nothing more for this request: used on streams that need no processing.
+_SKIP_REST = _MODE(
+    request_body_mode=_MODE.NONE,
+    response_header_mode=_MODE.SKIP,
+    response_body_mode=_MODE.NONE,
+    request_trailer_mode=_MODE.SKIP,
+    response_trailer_mode=_MODE.SKIP,
+)
+_SKIP_RESPONSE_BODY = _MODE(response_body_mode=_MODE.NONE, response_trailer_mode=_MODE.SKIP)
+_JSON_HEADERS = [("content-type", "application/json"), ("cache-control", "no-store")]
+
+
+class BodyError(Exception):
+    """A body the guard cannot read; ``code`` is the metric reason, ``status`` the HTTP answer."""
+
+    def __init__(self, code: str, message: str, status: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+@dataclass(slots=True)
+class _StreamState:
+    snapshot: Snapshot | None = None
+    route: Route | None = None
+    dialect: Dialect | None = None
+    identity: Identity | None = None
+    level: RiskLevel = RiskLevel.NORMAL
+    request_id: str = ""
+    seen_request_headers: bool = False
+    instances: int = 0
+    request_encoding: str = ""
+    response_status: int = 0
+    response_encoding: str = ""
+    rewrite: bool = False
+    done: bool = False
+
+
+class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
+    """``envoy.service.ext_proc.v3.ExternalProcessor``: one bidi stream per HTTP request."""
+
+    def __init__(self, core: DecisionCore, *, max_body_bytes: int) -> None:
+        self._core = core
+        self._max_body_bytes = max_body_bytes
+
+    async def Process(  # noqa: N802 - the gRPC method name
+        self,
+        request_iterator: AsyncIterator[proc_pb2.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[proc_pb2.ProcessingResponse]:
+        state = _StreamState()
+        outcome = "passthrough"
+        try:
+            async for message in request_iterator:
+                response = await self._handle(message, state)
+                if response is None:
+                    continue
+                if response.HasField("immediate_response"):
+                    outcome = "immediate"
+                elif state.route is not None:
+                    outcome = "complete"
+                yield response
+                if state.done:
+                    break
+        except Exception:
+            outcome = "aborted"
+            raise
+        finally:
+            metrics.STREAMS.labels(outcome).inc()
+
+    async def _handle(self, message: proc_pb2.ProcessingRequest, state: _StreamState) -> proc_pb2.ProcessingResponse | None:
+        phase = message.WhichOneof("request")
+        if phase is None:
+            metrics.ERRORS.labels("empty_message").inc()
+            return None
+        started = time.perf_counter()
+        try:
+            if phase == "request_headers":
+                return await self._request_headers(message, state)
+            if phase == "request_body":
+                return await self._request_body(message.request_body, state)
+            if phase == "response_headers":
+                return self._response_headers(message.response_headers, state)
+            if phase == "response_body":
+                return self._response_body(message.response_body, state)
+            return envoy.continue_response(phase)
+        except Exception:
+            metrics.ERRORS.labels("internal_error").inc()
+            log.exception("ext_proc_failed", phase=phase, request_id=state.request_id)
+            if phase.startswith("request") and state.route is not None:
+                state.done = True
+                body = envoy.error_body("internal_error", "the guard failed to process this request",
+                                        request_id=state.request_id)
+                return envoy.immediate(500, _JSON_HEADERS, body, details="extauthz_internal_error")
+            return envoy.continue_response(phase)
+        finally:
+            metrics.DECISION_SECONDS.labels(f"ext_proc_{phase}").observe(time.perf_counter() - started)
+
+    # --- request_headers ------------------------------------------------------------------------
+
+    async def _request_headers(self, message: proc_pb2.ProcessingRequest, state: _StreamState) -> proc_pb2.ProcessingResponse:
+        if state.seen_request_headers:
+            metrics.ERRORS.labels("out_of_order").inc()
+            return envoy.continue_response("request_headers")
+        state.seen_request_headers = True
+        snapshot = self._core.snapshot()
+        state.snapshot = snapshot
+        headers = envoy.header_map_to_dict(message.request_headers.headers)
+        path = headers.get(":path", "/")
+        state.request_id = headers.get("x-request-id", "")
+        state.request_encoding = headers.get("content-encoding", "")
+        route = snapshot.policy.route_for(path.split("?", 1)[0])
+        if route is None:
+            state.done = True
+            return envoy.continue_response("request_headers", mode_override=_SKIP_REST)
+        state.route = route
+        state.dialect = get_dialect(route.dialect) if route.dialect != "auto" else detect_dialect(path)
+        info = RequestInfo(
+            headers=headers,
+            source_address=_attribute(message, "source.address"),
+            path=path,
+            method=headers.get(":method", "GET"),
+            jwt_payload=_jwt_payload(message, snapshot),
+            request_id=state.request_id,
+        )
+        check = _check_verdict(message)
+        if check is None:
+            # Single hop: no Check ran before this filter, so decide here with the same core.
+            decision = await self._core.decide(info, snapshot=snapshot)
+        else:
+            identity = identify(info, snapshot)
+            if identity.client_id != check.identity.client_id:
+                metrics.ERRORS.labels("identity_mismatch").inc()
+            decision = Decision(check.action, identity, check.level, check.reasons, enforced=check.enforced)
+        state.identity = decision.identity
+        state.level = decision.level
+        metrics.DECISIONS.labels("ext_proc", decision.action.value, decision.identity.tier).inc()
+        metadata = {envoy.EXT_PROC_NAMESPACE: envoy.decision_struct(decision)}
+        if not decision.allowed:
+            state.done = True
+            status, refusal_headers, body = envoy.refusal(decision, request_id=state.request_id)
+            return envoy.immediate(status, refusal_headers, body, details=f"extauthz_{decision.error}",
+                                   metadata=metadata)
+        mutation = envoy.header_mutation(
+            envoy.upstream_headers(decision),
+            # Ask the model for an identity-encoded answer so the guard can rewrite it.
+            remove=["accept-encoding"],
+        )
+        return envoy.continue_response("request_headers", mutation=mutation, metadata=metadata)
+
+    # --- request_body ---------------------------------------------------------------------------
+
+    async def _request_body(self, body: proc_pb2.HttpBody, state: _StreamState) -> proc_pb2.ProcessingResponse:
+        if state.route is None or state.identity is None or state.snapshot is None or state.instances:
+            if state.instances:
+                metrics.ERRORS.labels("out_of_order").inc()
+            return envoy.continue_response("request_body")
+        policy = state.snapshot.policy
+        tier = policy.tier(state.identity.tier)
+        try:
+            raw = self._decode(body.body, encoding=state.request_encoding)
+            if state.dialect is None:
+                raise BodyError("unsupported_media", "this route's model API could not be recognised", 415)
+            parsed = state.dialect.parse_request(raw, max_instances=tier.max_instances)
+            instances = parsed.instances
+        except (BodyError, DialectError) as exc:
+            metrics.ERRORS.labels(exc.code).inc()
+            if isinstance(exc, DialectError) and exc.code == "too_many_instances":
+                return self._refuse_body(state, exc.code, exc.message, exc.status)
+            if policy.fail_modes.body == "deny":
+                return self._refuse_body(state, exc.code, exc.message, exc.status)
+            instances = tier.max_instances
+        state.instances = instances
+        metrics.INSTANCES.labels(state.identity.tier).inc(instances)
+        record = await self._core.charge(state.identity, requests=0, instances=instances)
+        if record is None and policy.fail_modes.store == "deny":
+            return self._refuse_body(state, "store_unavailable", "the service cannot decide right now", 503)
+        return envoy.continue_response("request_body")
+
+    def _refuse_body(self, state: _StreamState, code: str, message: str, status: int) -> proc_pb2.ProcessingResponse:
+        state.done = True
+        log.info("request_body_refused", reason=code, status=status, request_id=state.request_id,
+                 client=state.identity.client_id if state.identity else "")
+        body = envoy.error_body(code, message, request_id=state.request_id)
+        return envoy.immediate(status, _JSON_HEADERS, body, details=f"extauthz_{code}")
+
+    def _decode(self, data: bytes, *, encoding: str) -> bytes:
+        if len(data) > self._max_body_bytes:
+            raise BodyError("body_too_large", f"bodies are limited to {self._max_body_bytes} bytes", 413)
+        return decode_body(data, encoding, limit=self._max_body_bytes)
+
+    # --- response -------------------------------------------------------------------------------
+
+    def _response_headers(self, message: proc_pb2.HttpHeaders, state: _StreamState) -> proc_pb2.ProcessingResponse:
+        if state.route is None or state.identity is None or state.snapshot is None:
+            return envoy.continue_response("response_headers", mode_override=_SKIP_RESPONSE_BODY)
+        headers = envoy.header_map_to_dict(message.headers)
+        state.response_status = int(headers.get(":status", "0") or 0)
+        state.response_encoding = headers.get("content-encoding", "").strip().lower()
+        output = state.snapshot.policy.tier(state.identity.tier).output
+        state.rewrite = (
+            200 <= state.response_status < 300
+            and "json" in headers.get("content-type", "").lower()
+            and output.policy != "passthrough"
+            and not message.end_of_stream
+        )
+        if not state.rewrite:
+            return envoy.continue_response("response_headers", mode_override=_SKIP_RESPONSE_BODY)
+        return envoy.continue_response("response_headers")
+
+    def _response_body(self, body: proc_pb2.HttpBody, state: _StreamState) -> proc_pb2.ProcessingResponse:
+        if not state.rewrite or state.dialect is None or state.identity is None or state.snapshot is None:
+            return envoy.continue_response("response_body")
+        state.rewrite = False  # one buffered body per stream; a duplicate passes through
+        output = state.snapshot.policy.tier(state.identity.tier).output
+        try:
+            raw = decode_body(body.body, state.response_encoding, limit=self._max_body_bytes)
+            parsed = state.dialect.parse_response(raw)
+        except (BodyError, DialectError) as exc:
+            metrics.ERRORS.labels(f"response_{exc.code}").inc()
+            return envoy.continue_response("response_body")
+        rewritten = apply_output_policy(parsed.outputs, output)
+        if rewritten is None:
+            return envoy.continue_response("response_body")
+        new_body = state.dialect.serialize_response(parsed, rewritten)
+        metrics.BODY_REWRITES.labels(state.dialect.name, output.policy).inc()
+        # BUFFERED with response headers sent: Envoy keeps content-length, so it must be set here.
+        mutation = envoy.header_mutation(
+            [("content-length", str(len(new_body)))],
+            remove=["content-encoding"] if state.response_encoding not in ("", "identity") else [],
+        )
+        return envoy.continue_response("response_body", mutation=mutation, body=new_body)
+
+
+def decode_body(data: bytes, encoding: str, *, limit: int) -> bytes:
+    """Undo ``content-encoding`` (gzip, deflate), refusing unknown ones and bombs over ``limit``."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return data
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise BodyError("unsupported_encoding", f"content-encoding {encoding!r} is not supported", 415)
+    wbits = 31 if "gzip" in encoding else 15
+    try:
+        decoder = zlib.decompressobj(wbits)
+        out = decoder.decompress(data, limit + 1)
+    except zlib.error:
+        if wbits == 15:  # raw deflate without the zlib wrapper
+            try:
+                decoder = zlib.decompressobj(-15)
+                out = decoder.decompress(data, limit + 1)
+            except zlib.error as exc:
+                raise BodyError("body_decode_error", f"cannot decode {encoding} body: {exc}", 400) from exc
+        else:
+            raise BodyError("body_decode_error", f"cannot decode {encoding} body", 400) from None
+    if len(out) > limit or decoder.unconsumed_tail:
+        raise BodyError("body_too_large", f"decoded bodies are limited to {limit} bytes", 413)
+    if not decoder.eof:
+        raise BodyError("body_decode_error", f"truncated {encoding} body", 400)
+    return out
+
+
+def _attribute(message: proc_pb2.ProcessingRequest, name: str) -> str:
+    attributes = message.attributes.get(envoy.EXT_PROC_ATTRIBUTES)
+    if attributes is None:
+        return ""
+    return envoy.struct_value(attributes, name)
+
+
+def _jwt_payload(message: proc_pb2.ProcessingRequest, snapshot: Snapshot) -> dict[str, object] | None:
+    jwt = snapshot.policy.identity.jwt
+    if jwt is None or jwt.namespace not in message.metadata_context.filter_metadata:
+        return None
+    namespace = message.metadata_context.filter_metadata[jwt.namespace]
+    value = namespace.fields.get(jwt.payload_key)
+    if value is None or value.WhichOneof("kind") != "struct_value":
+        return None
+    return envoy.struct_to_python(value.struct_value)
+
+
+@dataclass(frozen=True, slots=True)
+class _CheckVerdict:
+    identity: Identity
+    action: Action
+    level: RiskLevel
+    reasons: tuple[str, ...]
+    enforced: bool
+
+
+def _check_verdict(message: proc_pb2.ProcessingRequest) -> _CheckVerdict | None:
+    """Read the verdict Check left in ``envoy.filters.http.ext_authz`` metadata (forwarded by Envoy)."""
+    metadata = message.metadata_context.filter_metadata
+    if envoy.EXT_AUTHZ_NAMESPACE not in metadata:
+        return None
+    struct: struct_pb2.Struct = metadata[envoy.EXT_AUTHZ_NAMESPACE]
+    client = envoy.struct_value(struct, "client")
+    if not client:
+        return None
+    try:
+        action = Action.parse(envoy.struct_value(struct, "action") or "allow")
+        level = RiskLevel.parse(envoy.struct_value(struct, "risk") or "normal")
+    except ValueError:
+        return None
+    reasons = tuple(r for r in envoy.struct_value(struct, "reasons").split(",") if r)
+    identity = Identity(client, envoy.struct_value(struct, "tier"), "anonymous")
+    enforced = envoy.struct_value(struct, "enforced") != "false"
+    return _CheckVerdict(identity, action, level, reasons, enforced)

@@ -1,0 +1,98 @@
+"""Process settings: read once from flags and ``EXTAUTHZ_*`` environment variables, then frozen."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a process needs before it reads the policy.
+
+    The decision budget bounds every store call made while deciding one request; Envoy's
+    ext_authz timeout and ext_proc ``message_timeout`` in ``envoy/envoy.yaml`` sit above it.
+    """
+
+    policy_path: Path | None = None
+    host: str = "127.0.0.1"
+    grpc_port: int = 9191
+    http_port: int = 9192
+    store_url: str = "memory"
+    decision_budget_ms: float = 50.0
+    max_message_bytes: int = 8 * MIB
+    admin_token_file: Path | None = None
+    reload_interval_s: float = 2.0
+    drain_s: float = 5.0
+    log_level: str = "info"
+    log_format: str = "json"
+    memory_max_clients: int = 100_000
+    client_ttl_s: float = 86_400.0
+
+    @property
+    def decision_budget_s(self) -> float:
+        return self.decision_budget_ms / 1000.0
+
+    @property
+    def grpc_max_message_bytes(self) -> int:
+        """gRPC message limit: the largest body plus room for headers and framing."""
+        return self.max_message_bytes + MIB
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that cannot work."""
+        for name in ("grpc_port", "http_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise ValueError(f"{name}: must be a port number 0..65535, got {value}")
+        if self.decision_budget_ms <= 0:
+            raise ValueError("decision_budget_ms: must be a positive number")
+        if self.max_message_bytes < 1024:
+            raise ValueError("max_message_bytes: must be at least 1024")
+        if self.log_format not in ("json", "console"):
+            raise ValueError("log_format: must be 'json' or 'console'")
+        if self.reload_interval_s <= 0 or self.drain_s < 0:
+            raise ValueError("reload_interval_s must be positive and drain_s not negative")
+        if self.memory_max_clients < 1 or self.client_ttl_s <= 0:
+            raise ValueError("memory_max_clients and client_ttl_s must be positive")
+        if self.policy_path is not None and not self.policy_path.is_file():
+            raise ValueError(f"policy_path: no such file: {self.policy_path}")
+        if self.admin_token_file is not None and not self.admin_token_file.is_file():
+            raise ValueError(f"admin_token_file: no such file: {self.admin_token_file}")
+
+
+def from_env(overrides: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings: explicit ``overrides`` (flags) win over ``EXTAUTHZ_<NAME>`` variables."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        raw: object = overrides.get(f.name)
+        if raw is None:
+            env_value = environ.get(f"EXTAUTHZ_{f.name.upper()}")
+            if env_value is None or env_value == "":
+                continue
+            raw = env_value
+        values[f.name] = _coerce(f.name, f.type, raw)
+    settings = Settings(**values)  # type: ignore[arg-type]
+    settings.validate()
+    return settings
+
+
+def _coerce(name: str, type_name: object, raw: object) -> object:
+    text = str(type_name)
+    try:
+        if "Path" in text:
+            return Path(str(raw))
+        if text == "int":
+            return int(str(raw))
+        if text == "float":
+            return float(str(raw))
+    except ValueError:
+        raise ValueError(f"{name}: cannot read {raw!r} as {text}") from None
+    return raw
+
+
+__all__ = ["MIB", "Settings", "from_env"]

@@ -1,0 +1,84 @@
+"""The Store seam: what the decision core needs from shared state.
+
+Implementations: ``memory.MemoryStore`` (embedded default, one process) and
+``redis.RedisStore`` (shared between replicas). Both keep every per-client record
+bounded: a TTL refreshed on activity, and a cap on the number of clients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class StoreError(Exception):
+    """The store could not answer (down, timed out, bad reply). Code: ``store_unavailable``."""
+
+    code = "store_unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRecord:
+    """What the store knows of one client.
+
+    ``pinned_level`` is the risk level an operator pinned (a ``RiskLevel`` label such as
+    ``"abusive"``), or ``None``; ``blocked`` is an operator block. Counters are totals
+    since ``first_seen`` (seconds since the epoch) and expire with the record.
+    """
+
+    client_id: str
+    tier: str = ""
+    pinned_level: str | None = None
+    blocked: bool = False
+    reason: str = ""
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    requests: int = 0
+    instances: int = 0
+
+
+class Store(Protocol):
+    """Shared per-client state. Every method may raise ``StoreError``."""
+
+    async def record(
+        self, client_id: str, *, tier: str, requests: int, instances: int, now: float
+    ) -> ClientRecord:
+        """Add ``requests`` and ``instances`` to the client's counters, refresh its TTL and
+        return the updated record, in one round trip."""
+        ...
+
+    async def get_client(self, client_id: str) -> ClientRecord | None:
+        """Return the client's record, or ``None`` when unknown or expired."""
+        ...
+
+    async def list_clients(self, *, limit: int, cursor: str = "") -> tuple[list[ClientRecord], str]:
+        """Return up to ``limit`` records and the cursor of the next page (``""`` at the end)."""
+        ...
+
+    async def set_level(
+        self,
+        client_id: str,
+        *,
+        level: str | None,
+        blocked: bool,
+        reason: str,
+        now: float,
+        ttl_s: float | None,
+    ) -> ClientRecord:
+        """Pin the client's risk level (``None`` unpins) and set its block flag.
+
+        ``ttl_s`` bounds how long the pin lasts; ``None`` keeps it until reset.
+        """
+        ...
+
+    async def reset_client(self, client_id: str) -> bool:
+        """Forget everything about the client; return whether it was known."""
+        ...
+
+    async def ping(self) -> bool:
+        """Return True when the store answers."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...

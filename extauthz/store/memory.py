@@ -1,0 +1,219 @@
+"""The embedded store: per-client records in this process, bounded by a cap and a TTL.
+
+The default when no Redis is configured. Nothing is shared between replicas, so use it
+for one replica, tests and the demo.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import heapq
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from extauthz.store.base import ClientRecord
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One client's mutable state; ``pin_until`` matters only while pinned (inf: no end)."""
+
+    first_seen: float
+    last_seen: float
+    expires_at: float
+    tier: str = ""
+    level: str | None = None
+    blocked: bool = False
+    reason: str = ""
+    pin_until: float = math.inf
+    requests: int = 0
+    instances: int = 0
+
+    @property
+    def pinned(self) -> bool:
+        return self.level is not None or self.blocked
+
+    def snapshot(self, client_id: str) -> ClientRecord:
+        return ClientRecord(
+            client_id=client_id,
+            tier=self.tier,
+            pinned_level=self.level,
+            blocked=self.blocked,
+            reason=self.reason,
+            first_seen=self.first_seen,
+            last_seen=self.last_seen,
+            requests=self.requests,
+            instances=self.instances,
+        )
+
+
+class MemoryStore:
+    """Keep client records in a bounded LRU inside this process.
+
+    At most ``max_clients`` records are held; a new client evicts the least recently
+    active one. Unpinned clients are evicted before pinned ones (two LRU lists, O(1) per
+    operation); a pinned client is evicted only when every slot holds a pinned client.
+    A record expires ``ttl_s`` after its last activity (``record`` or ``set_level``), or
+    at the end of its pin if later; a pin without a TTL keeps it until reset. Expiry is
+    lazy: checked on access, and expired records at the old end of the LRU are dropped
+    when a new client arrives.
+
+    ``clock`` (seconds since the epoch) judges expiry in the methods that take no
+    ``now``. Every method is a coroutine only to satisfy the ``Store`` Protocol: none
+    blocks or awaits.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_clients: int = 100_000,
+        ttl_s: float = 86_400.0,
+        clock: Callable[[], float],
+    ) -> None:
+        if max_clients < 1:
+            raise ValueError(f"max_clients must be at least 1, got {max_clients}")
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        self._max_clients = max_clients
+        self._ttl_s = ttl_s
+        self._clock = clock
+        # Oldest activity first. Unpinned records are evicted first.
+        self._plain: OrderedDict[str, _Entry] = OrderedDict()
+        self._pinned: OrderedDict[str, _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Return how many records are held (expired ones not yet dropped included)."""
+        return len(self._plain) + len(self._pinned)
+
+    async def record(
+        self, client_id: str, *, tier: str, requests: int, instances: int, now: float
+    ) -> ClientRecord:
+        """Add to the client's counters, refresh its TTL and return the record."""
+        entry = self._live(client_id, now)
+        if entry is None:
+            entry = self._admit(client_id, now)
+        entry.tier = tier
+        entry.last_seen = now
+        entry.requests += requests
+        entry.instances += instances
+        self._touch(client_id, entry, now)
+        return entry.snapshot(client_id)
+
+    async def get_client(self, client_id: str) -> ClientRecord | None:
+        """Return the client's record, or ``None`` when unknown or expired."""
+        entry = self._live(client_id, self._clock())
+        return None if entry is None else entry.snapshot(client_id)
+
+    async def list_clients(
+        self, *, limit: int, cursor: str = ""
+    ) -> tuple[list[ClientRecord], str]:
+        """Return up to ``limit`` records in client-id order, and the next page's cursor.
+
+        Paging by client id is stable under concurrent changes: a client held for the
+        whole walk is listed exactly once. Raise ``ValueError`` on a malformed cursor.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        after = _decode_cursor(cursor)
+        ids = [*self._plain, *self._pinned]
+        # O(n log limit): fine for an admin listing, and needs no sorted index to maintain.
+        page_ids = heapq.nsmallest(limit + 1, (cid for cid in ids if cid > after))
+        now = self._clock()
+        records = []
+        for cid in page_ids[:limit]:
+            entry = self._live(cid, now)
+            if entry is not None:
+                records.append(entry.snapshot(cid))
+        more = len(page_ids) > limit
+        return records, _encode_cursor(page_ids[limit - 1]) if more else ""
+
+    async def set_level(
+        self,
+        client_id: str,
+        *,
+        level: str | None,
+        blocked: bool,
+        reason: str,
+        now: float,
+        ttl_s: float | None,
+    ) -> ClientRecord:
+        """Pin (or unpin) the client's level and block flag; create the record if unknown."""
+        if ttl_s is not None and not ttl_s > 0:
+            raise ValueError(f"ttl_s must be positive or None, got {ttl_s}")
+        entry = self._live(client_id, now)
+        if entry is None:
+            entry = self._admit(client_id, now)
+        entry.level = level
+        entry.blocked = blocked
+        entry.reason = reason
+        entry.pin_until = math.inf if ttl_s is None else now + ttl_s
+        self._touch(client_id, entry, now)
+        return entry.snapshot(client_id)
+
+    async def reset_client(self, client_id: str) -> bool:
+        """Forget the client; return whether it was known (and not expired)."""
+        known = self._live(client_id, self._clock()) is not None
+        self._plain.pop(client_id, None)
+        self._pinned.pop(client_id, None)
+        return known
+
+    async def ping(self) -> bool:
+        """Return True: the store lives in this process."""
+        return True
+
+    async def close(self) -> None:
+        """Do nothing: there are no connections to release."""
+
+    def _live(self, client_id: str, now: float) -> _Entry | None:
+        """Return the client's entry, dropping it when expired and ending a lapsed pin."""
+        entry = self._plain.get(client_id)
+        if entry is None:
+            entry = self._pinned.get(client_id)
+        if entry is None:
+            return None
+        if now >= entry.expires_at:
+            self._plain.pop(client_id, None)
+            self._pinned.pop(client_id, None)
+            return None
+        if entry.pinned and now >= entry.pin_until:
+            entry.level, entry.blocked, entry.reason = None, False, ""
+            del self._pinned[client_id]
+            self._plain[client_id] = entry
+        return entry
+
+    def _admit(self, client_id: str, now: float) -> _Entry:
+        """Make room for a new client and return its empty entry (not yet placed)."""
+        while self._plain:
+            oldest = next(iter(self._plain.values()))
+            if now < oldest.expires_at:
+                break
+            self._plain.popitem(last=False)
+        while len(self) >= self._max_clients:
+            (self._plain or self._pinned).popitem(last=False)
+        return _Entry(first_seen=now, last_seen=now, expires_at=now + self._ttl_s)
+
+    def _touch(self, client_id: str, entry: _Entry, now: float) -> None:
+        """Refresh the entry's expiry and move it to the recent end of its LRU list."""
+        if entry.pinned:
+            entry.expires_at = max(now + self._ttl_s, entry.pin_until)
+        else:
+            entry.expires_at = now + self._ttl_s
+        self._plain.pop(client_id, None)
+        self._pinned.pop(client_id, None)
+        (self._pinned if entry.pinned else self._plain)[client_id] = entry
+
+
+def _encode_cursor(client_id: str) -> str:
+    return base64.urlsafe_b64encode(client_id.encode()).decode("ascii")
+
+
+def _decode_cursor(cursor: str) -> str:
+    if not cursor:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(cursor.encode("ascii")).decode()
+    except (binascii.Error, UnicodeError) as exc:
+        raise ValueError(f"malformed cursor {cursor!r}") from exc

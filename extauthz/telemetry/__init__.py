@@ -1,0 +1,1 @@
+"""Metrics, logs and health: every metric is declared once in ``metrics``."""

@@ -1,0 +1,409 @@
+"""HTTP load through the real Envoy: what does extauthz's Check cost per request?
+
+Three set-ups run one after another, each on the reference ``envoy/envoy.yaml`` with its routes
+replaced by a ``direct_response`` 200 (no upstream cost) and ext_proc removed:
+
+  a. Envoy alone (ext_authz removed too): the ceiling;
+  b. Envoy + a no-op grpc.aio ext_authz server (``noop_authz.py``): the floor of any Python hop;
+  c. Envoy + ``extauthz serve`` with ``bench-policy.yaml``: the real Check.
+
+The access log is dropped in all three, so the numbers are filters and hops, not disk writes.
+Envoy runs with ``--concurrency 1``; wrk with one thread and N connections for D seconds after a
+warm-up. The ratio c/b is what extauthz's decision work costs over the Python floor.
+
+Run as ``python -m tests.bench.run_bench [--duration 10] [--connections 8] [--json FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from extauthz.demo.stack import (
+    Ports,
+    Process,
+    StackError,
+    free_port,
+    python_env,
+    render_envoy_config,
+    start_envoy,
+    start_guard,
+    start_process,
+    wait_tcp,
+)
+
+_HERE = Path(__file__).resolve().parent
+NOOP_AUTHZ = _HERE / "noop_authz.py"
+BENCH_POLICY = _HERE / "bench-policy.yaml"
+_HCM = "envoy.filters.network.http_connection_manager"
+_EXT_AUTHZ = "envoy.filters.http.ext_authz"
+_EXT_PROC = "envoy.filters.http.ext_proc"
+_WARMUP_S = 2
+_JSON_MARKER = "BENCH_JSON "
+
+# wrk calls done() once with the merged statistics; latencies are in microseconds. wrk counts a
+# status >= 400 as errors.status (its "Non-2xx or 3xx responses" line).
+_WRK_DONE_LUA = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '%s{"duration_us":%d,"requests":%d,"bytes":%d,"errors_connect":%d,"errors_read":%d,'
+    .. '"errors_write":%d,"errors_status":%d,"errors_timeout":%d,"p50_us":%d,"p90_us":%d,'
+    .. '"p99_us":%d,"max_us":%d,"mean_us":%.1f}\\n',
+    "%MARKER%", summary.duration, summary.requests, summary.bytes, e.connect, e.read,
+    e.write, e.status, e.timeout, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max, latency.mean))
+end
+""".replace("%MARKER%", _JSON_MARKER)
+
+SETUPS: dict[str, str] = {
+    "a": "envoy alone",
+    "b": "envoy + noop grpc.aio authz",
+    "c": "envoy + extauthz Check",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class WrkResult:
+    """One wrk run, in the units people read: requests/s and milliseconds."""
+
+    requests: int
+    duration_s: float
+    requests_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    non_2xx: int
+    socket_errors: int
+
+    @classmethod
+    def from_done(cls, done: dict[str, Any]) -> WrkResult:
+        """Build from the JSON the Lua ``done`` hook prints."""
+        duration_s = done["duration_us"] / 1e6
+        return cls(
+            requests=int(done["requests"]),
+            duration_s=duration_s,
+            requests_per_s=done["requests"] / duration_s if duration_s > 0 else 0.0,
+            p50_ms=done["p50_us"] / 1e3,
+            p90_ms=done["p90_us"] / 1e3,
+            p99_ms=done["p99_us"] / 1e3,
+            max_ms=done["max_us"] / 1e3,
+            non_2xx=int(done["errors_status"]),
+            socket_errors=int(
+                done["errors_connect"]
+                + done["errors_read"]
+                + done["errors_write"]
+                + done["errors_timeout"]
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SetupResult:
+    """The outcome of one set-up: a wrk result, or the error that stopped it."""
+
+    setup: str
+    label: str
+    result: WrkResult | None = None
+    ext_authz_stats: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    """What every set-up shares."""
+
+    duration_s: int
+    connections: int
+    path: str
+    headers: tuple[str, ...]
+    workdir: Path
+
+
+def parse_wrk_output(text: str) -> WrkResult:
+    """Return the result printed by the Lua ``done`` hook in wrk's output."""
+    for line in text.splitlines():
+        if line.startswith(_JSON_MARKER):
+            return WrkResult.from_done(json.loads(line[len(_JSON_MARKER) :]))
+    raise ValueError(f"no {_JSON_MARKER.strip()} line in wrk output:\n{text[-2000:]}")
+
+
+def wrk_binary() -> str:
+    """Find wrk or say how to install it."""
+    found = shutil.which("wrk")
+    if found is None:
+        raise SystemExit("wrk not found: install it with `apt-get install wrk`")
+    return found
+
+
+def run_wrk(url: str, *, duration_s: int, opts: BenchOptions, script: Path) -> WrkResult:
+    """Run wrk (1 thread, N connections) against ``url`` and parse its result."""
+    argv = [
+        wrk_binary(),
+        "-t1",
+        f"-c{opts.connections}",
+        f"-d{duration_s}s",
+        "--latency",
+        "--timeout",
+        "2s",
+        "-s",
+        str(script),
+    ]
+    for header in opts.headers:
+        argv += ["-H", header]
+    argv.append(url)
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=duration_s + 30, check=False
+    )
+    if done.returncode != 0:
+        raise StackError(f"wrk exited with {done.returncode}: {done.stderr or done.stdout}")
+    return parse_wrk_output(done.stdout)
+
+
+def bench_transform(*, authz: bool) -> Callable[[dict[str, Any]], None]:
+    """Return a config transform: direct_response 200 routes, no ext_proc, no access log.
+
+    With ``authz`` false the ext_authz filter goes too (set-up a).
+    """
+    drop = {_EXT_PROC} if authz else {_EXT_PROC, _EXT_AUTHZ}
+
+    def transform(config: dict[str, Any]) -> None:
+        for listener in config["static_resources"]["listeners"]:
+            for chain in listener["filter_chains"]:
+                for net_filter in chain["filters"]:
+                    if net_filter["name"] != _HCM:
+                        continue
+                    hcm = net_filter["typed_config"]
+                    hcm.pop("access_log", None)
+                    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in drop]
+                    hcm["route_config"]["virtual_hosts"] = [
+                        {
+                            "name": "bench",
+                            "domains": ["*"],
+                            "routes": [
+                                {
+                                    "match": {"prefix": "/"},
+                                    "direct_response": {
+                                        "status": 200,
+                                        "body": {"inline_string": "ok\n"},
+                                    },
+                                }
+                            ],
+                        }
+                    ]
+
+    return transform
+
+
+def ext_authz_stats(admin_port: int) -> dict[str, int]:
+    """Return Envoy's ext_authz counters (ok / denied / error ...), to show the hop really ran."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    url = f"http://127.0.0.1:{admin_port}/stats?filter=ext_authz"
+    with opener.open(url, timeout=2.0) as response:
+        text = response.read().decode()
+    stats: dict[str, int] = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r"(\S+): (\d+)", line.strip())
+        if match:
+            stats[match.group(1)] = int(match.group(2))
+    return stats
+
+
+@contextmanager
+def _authz_server(setup: str, grpc_port: int, workdir: Path) -> Iterator[Process | None]:
+    """Start the ext_authz server of a set-up (none for a) and stop it afterwards."""
+    if setup == "a":
+        yield None
+        return
+    if setup == "b":
+        argv = [sys.executable, str(NOOP_AUTHZ), str(grpc_port)]
+        proc = start_process(f"noop-authz-{grpc_port}", argv, workdir=workdir, env=python_env())
+        try:
+            wait_tcp(grpc_port, timeout_s=15.0, proc=proc)
+        except BaseException:
+            proc.stop()
+            raise
+    else:
+        # No drain period: nothing routes to this guard once the run is over.
+        proc = start_guard(
+            policy=BENCH_POLICY,
+            grpc_port=grpc_port,
+            http_port=free_port(),
+            workdir=workdir,
+            extra_args=("--drain-s", "0"),
+        )
+    with proc:
+        yield proc
+
+
+def run_setup(setup: str, *, base_id: int, opts: BenchOptions, script: Path) -> SetupResult:
+    """Start the processes of one set-up, warm up, measure, stop everything."""
+    label = SETUPS[setup]
+    ports = Ports.free()
+    config = render_envoy_config(ports, transform=bench_transform(authz=setup != "a"))
+    url = f"http://127.0.0.1:{ports.listener}{opts.path}"
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(_authz_server(setup, ports.guard, opts.workdir))
+            stack.enter_context(
+                start_envoy(
+                    config,
+                    workdir=opts.workdir,
+                    base_id=base_id,
+                    admin_port=ports.admin,
+                    concurrency=1,
+                )
+            )
+            run_wrk(url, duration_s=_WARMUP_S, opts=opts, script=script)
+            before = ext_authz_stats(ports.admin)
+            result = run_wrk(url, duration_s=opts.duration_s, opts=opts, script=script)
+            after = ext_authz_stats(ports.admin)
+    except (StackError, OSError, subprocess.TimeoutExpired, ValueError) as err:
+        return SetupResult(setup=setup, label=label, error=f"{type(err).__name__}: {err}")
+    # Counters of the measured run only, without the warm-up.
+    delta = {name: after[name] - before.get(name, 0) for name in after if after[name]}
+    return SetupResult(setup=setup, label=label, result=result, ext_authz_stats=delta)
+
+
+def ratios(results: Sequence[SetupResult]) -> dict[str, float]:
+    """Return c/b and b/a ratios of requests/s and p50/p99 where both set-ups ran."""
+    by_setup = {r.setup: r.result for r in results if r.result is not None}
+    out: dict[str, float] = {}
+    for num, den in (("c", "b"), ("b", "a"), ("c", "a")):
+        top, bottom = by_setup.get(num), by_setup.get(den)
+        if top is None or bottom is None:
+            continue
+        if bottom.requests_per_s > 0:
+            out[f"{num}/{den}_requests_per_s"] = top.requests_per_s / bottom.requests_per_s
+        if bottom.p50_ms > 0:
+            out[f"{num}/{den}_p50"] = top.p50_ms / bottom.p50_ms
+        if bottom.p99_ms > 0:
+            out[f"{num}/{den}_p99"] = top.p99_ms / bottom.p99_ms
+    return out
+
+
+def format_table(results: Sequence[SetupResult], ratio: dict[str, float]) -> str:
+    """Render results and ratios as a plain-text table."""
+    lines = [
+        f"{'setup':<34} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'sock err':>8}"
+    ]
+    for r in results:
+        name = f"{r.setup}. {r.label}"
+        if r.result is None:
+            lines.append(f"{name:<34} FAILED: {(r.error or '').splitlines()[0][:120]}")
+            continue
+        w = r.result
+        lines.append(
+            f"{name:<34} {w.requests_per_s:>10.0f} {w.p50_ms:>8.3f} {w.p99_ms:>8.3f}"
+            f" {w.non_2xx:>8d} {w.socket_errors:>8d}"
+        )
+    for key in ("c/b", "b/a"):
+        rps, p50 = ratio.get(f"{key}_requests_per_s"), ratio.get(f"{key}_p50")
+        if rps is not None and p50 is not None:
+            lines.append(f"ratio {key}: req/s x{rps:.3f}, p50 x{p50:.3f}")
+    return "\n".join(lines)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.run_bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    parser.add_argument("--connections", type=int, default=8, help="wrk connections")
+    parser.add_argument("--json", type=Path, default=Path("bench-results.json"), help="output")
+    parser.add_argument(
+        "--setups", default="abc", help="which set-ups to run, e.g. 'ab' (default: abc)"
+    )
+    parser.add_argument("--path", default="/", help="request path (default: /)")
+    parser.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        help="extra request header for wrk, e.g. 'x-api-key: bench' (repeatable)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep configs and logs here (default: temp)"
+    )
+    args = parser.parse_args(argv)
+    unknown = set(args.setups) - set(SETUPS)
+    if unknown or not args.setups:
+        parser.error(f"--setups takes letters from {''.join(SETUPS)}")
+    if args.duration < 1 or args.connections < 1:
+        parser.error("--duration and --connections must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen set-ups, print a table, write JSON; return 1 if any set-up failed."""
+    args = _parse_args(argv)
+    wrk_binary()
+    with tempfile.TemporaryDirectory(prefix="extauthz-bench-") as tmp:
+        workdir = args.workdir.resolve() if args.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        script = workdir / "done.lua"
+        script.write_text(_WRK_DONE_LUA, encoding="utf-8")
+        opts = BenchOptions(
+            duration_s=args.duration,
+            connections=args.connections,
+            path=args.path,
+            headers=tuple(args.header),
+            workdir=workdir,
+        )
+        # Distinct --base-id per Envoy, away from other Envoys on this host (tests, the demo).
+        base = 1000 + (os.getpid() % 10_000) * 4
+        results = []
+        for index, setup in enumerate(dict.fromkeys(args.setups)):
+            print(f"running {setup}. {SETUPS[setup]} ...", file=sys.stderr, flush=True)
+            results.append(run_setup(setup, base_id=base + index, opts=opts, script=script))
+    ratio = ratios(results)
+    print(format_table(results, ratio))
+    report = {
+        "started_unix_s": time.time(),
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": sys.version},
+        "options": {
+            "duration_s": args.duration,
+            "connections": args.connections,
+            "warmup_s": _WARMUP_S,
+            "path": args.path,
+            "envoy_concurrency": 1,
+            "wrk_threads": 1,
+        },
+        "results": [
+            {
+                "setup": r.setup,
+                "label": r.label,
+                "result": asdict(r.result) if r.result else None,
+                "ext_authz_stats": r.ext_authz_stats,
+                "error": r.error,
+            }
+            for r in results
+        ],
+        "ratios": ratio,
+    }
+    args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.json}", file=sys.stderr)
+    for r in results:
+        if r.error:
+            print(f"\n{r.setup}. {r.label} failed:\n{r.error}", file=sys.stderr)
+    if any(r.error for r in results) and args.workdir is None:
+        print("(logs were in a temporary directory: rerun with --workdir DIR)", file=sys.stderr)
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,389 @@
+"""Test the demo model server: training, KServe v1, Open Inference v2, bad input, big batches."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extauthz.demo.model import (
+    MAX_BODY_BYTES,
+    BadInput,
+    DemoModel,
+    build_app,
+    load_data,
+    parse_v1,
+    parse_v2,
+    start,
+)
+
+Client = TestClient[web.Request, web.Application]
+V1 = "/v1/models/digits:predict"
+V2 = "/v2/models/digits/infer"
+
+
+@pytest.fixture(scope="module")
+def model() -> DemoModel:
+    return DemoModel.train(seed=0)
+
+
+@pytest.fixture(scope="module")
+def test_rows() -> np.ndarray:
+    return load_data(0)[1]
+
+
+@pytest.fixture(scope="module")
+def big_rows(test_rows: np.ndarray) -> np.ndarray:
+    """Return 20,000 natural digit rows: an extraction-sized batch."""
+    return np.resize(test_rows, (20_000, 64))
+
+
+@pytest.fixture
+async def client(model: DemoModel) -> AsyncIterator[Client]:
+    async with TestClient(TestServer(build_app(model))) as test_client:
+        yield test_client
+
+
+def v2_body(rows: np.ndarray, **extra: Any) -> dict[str, Any]:
+    tensor = {"name": "input-0", "shape": list(rows.shape), "datatype": "FP32"}
+    return {"inputs": [{**tensor, "data": rows.ravel().tolist()}], **extra}
+
+
+class TestTraining:
+    """The model trains in-process on a fixed held-out split and is accurate and deterministic."""
+
+    def test_held_out_accuracy_is_above_ninety_percent(self, model: DemoModel) -> None:
+        assert model.accuracy > 0.9
+
+    def test_split_is_stratified_raw_pixels_and_fixed_by_seed(self) -> None:
+        x_train, x_test, y_train, y_test = load_data(0)
+        assert x_train.shape[1] == x_test.shape[1] == 64
+        assert len(x_train) == len(y_train) and len(x_test) == len(y_test)
+        assert x_test.min() >= 0 and x_test.max() == 16
+        assert set(np.unique(y_test)) == set(range(10))
+        np.testing.assert_array_equal(load_data(0)[1], x_test)
+        assert not np.array_equal(load_data(1)[1], x_test)
+
+    def test_same_seed_gives_the_same_model(self, model: DemoModel, test_rows: np.ndarray) -> None:
+        again = DemoModel.train(seed=0)
+        np.testing.assert_array_equal(
+            again.predict_proba(test_rows[:50]), model.predict_proba(test_rows[:50])
+        )
+
+    def test_predict_proba_returns_distributions(
+        self, model: DemoModel, test_rows: np.ndarray
+    ) -> None:
+        proba = model.predict_proba(test_rows)
+        assert proba.shape == (len(test_rows), 10) and proba.dtype == np.float64
+        np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-9)
+        assert (proba >= 0).all()
+
+    @pytest.mark.parametrize(
+        "batch",
+        [np.zeros((2, 63)), np.zeros(64), np.zeros((0, 64)), np.full((1, 64), np.nan)],
+        ids=["narrow", "one-dimensional", "empty", "nan"],
+    )
+    def test_predict_proba_refuses_bad_batches(self, model: DemoModel, batch: np.ndarray) -> None:
+        with pytest.raises(BadInput):
+            model.predict_proba(batch)
+
+
+class TestKServeV1:
+    """KServe v1 predict answers one exact probability row per instance."""
+
+    async def test_predictions_match_the_model_at_full_precision(
+        self, client: Client, model: DemoModel, test_rows: np.ndarray
+    ) -> None:
+        rows = test_rows[:32]
+        response = await client.post(V1, json={"instances": rows.tolist()})
+        assert response.status == 200
+        predictions = np.asarray((await response.json())["predictions"])
+        assert predictions.shape == (32, 10)
+        np.testing.assert_allclose(predictions.sum(axis=1), 1.0, atol=1e-9)
+        # JSON floats round-trip float64 exactly: no precision is lost on the wire.
+        np.testing.assert_array_equal(predictions, model.predict_proba(rows))
+
+    async def test_http_answers_are_accurate_on_held_out_digits(self, client: Client) -> None:
+        _, x_test, _, y_test = load_data(0)
+        response = await client.post(V1, json={"instances": x_test.tolist()})
+        predictions = np.asarray((await response.json())["predictions"])
+        assert np.mean(predictions.argmax(axis=1) == y_test) > 0.9
+
+    async def test_model_status(self, client: Client) -> None:
+        response = await client.get("/v1/models/digits")
+        assert response.status == 200
+        assert await response.json() == {"name": "digits", "ready": True}
+
+
+class TestOpenInferenceV2:
+    """Open Inference v2 infer answers probability and label tensors and echoes the request id."""
+
+    async def test_outputs_have_the_right_shapes_and_values(
+        self, client: Client, model: DemoModel, test_rows: np.ndarray
+    ) -> None:
+        rows = test_rows[:7]
+        response = await client.post(V2, json=v2_body(rows, id="req-42"))
+        assert response.status == 200
+        answer = await response.json()
+        assert answer["model_name"] == "digits"
+        assert answer["id"] == "req-42"
+        proba, label = answer["outputs"]
+        assert (proba["name"], proba["shape"]) == ("probabilities", [7, 10])
+        assert (label["name"], label["shape"]) == ("label", [7])
+        assert (proba["datatype"], label["datatype"]) == ("FP32", "INT64")
+        probabilities = np.asarray(proba["data"]).reshape(7, 10)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-9)
+        np.testing.assert_array_equal(probabilities, model.predict_proba(rows))
+        assert label["data"] == probabilities.argmax(axis=1).tolist()
+
+    async def test_no_id_is_invented(self, client: Client, test_rows: np.ndarray) -> None:
+        answer = await (await client.post(V2, json=v2_body(test_rows[:1]))).json()
+        assert "id" not in answer
+
+    async def test_nested_data_reads_like_flat_data(
+        self, client: Client, test_rows: np.ndarray
+    ) -> None:
+        flat = await (await client.post(V2, json=v2_body(test_rows[:3]))).json()
+        nested_body = v2_body(test_rows[:3])
+        nested_body["inputs"][0]["data"] = test_rows[:3].tolist()
+        nested = await (await client.post(V2, json=nested_body)).json()
+        assert nested["outputs"] == flat["outputs"]
+
+    async def test_requested_outputs_only(self, client: Client, test_rows: np.ndarray) -> None:
+        body = v2_body(test_rows[:2], outputs=[{"name": "label"}])
+        answer = await (await client.post(V2, json=body)).json()
+        assert [tensor["name"] for tensor in answer["outputs"]] == ["label"]
+
+    async def test_health_and_metadata(self, client: Client, model: DemoModel) -> None:
+        for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/digits/ready"):
+            assert (await client.get(path)).status == 200, path
+        metadata = await (await client.get("/v2/models/digits")).json()
+        assert metadata["name"] == "digits"
+        assert metadata["accuracy"] == model.accuracy
+        assert metadata["inputs"][0]["shape"] == [-1, 64]
+        assert [output["name"] for output in metadata["outputs"]] == ["probabilities", "label"]
+
+
+def _good_v2() -> dict[str, Any]:
+    return {"inputs": [{"name": "input-0", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]}
+
+
+def _v2_with(**tensor: Any) -> bytes:
+    body = _good_v2()
+    body["inputs"][0].update(tensor)
+    return json.dumps(body).encode()
+
+
+BAD_V1 = {
+    "not-json": b"{instances:",
+    "invalid-utf8": b'{"instances": [[\xff]]}',
+    "not-an-object": b"[[1, 2, 3]]",
+    "no-instances": b'{"inputs": []}',
+    "empty": b'{"instances": []}',
+    "wrong-width": json.dumps({"instances": [[0] * 63]}).encode(),
+    "flat-instance": json.dumps({"instances": [0] * 64}).encode(),
+    "nan": ('{"instances": [[NaN' + ", 0" * 63 + "]]}").encode(),
+    "infinity": ('{"instances": [[1e400' + ", 0" * 63 + "]]}").encode(),
+    "ragged": json.dumps({"instances": [[0] * 64, [0] * 10]}).encode(),
+    "strings": json.dumps({"instances": [["0"] * 64]}).encode(),
+    "nulls": json.dumps({"instances": [[None] * 64]}).encode(),
+    "huge-int": ('{"instances": [[' + "9" * 40 + ", 0" * 63 + "]]}").encode(),
+    "deep": b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+}
+
+BAD_V2 = {
+    "not-json": b"nope",
+    "no-inputs": b'{"id": "x"}',
+    "two-inputs": json.dumps({"inputs": _good_v2()["inputs"] * 2}).encode(),
+    "bytes-datatype": _v2_with(datatype="BYTES"),
+    "wrong-width": _v2_with(shape=[1, 63], data=[0] * 63),
+    "shape-not-ints": _v2_with(shape=["1", 64]),
+    "size-mismatch": _v2_with(shape=[2, 64]),
+    "empty": _v2_with(shape=[0, 64], data=[]),
+    "no-data": json.dumps({"inputs": [{"shape": [1, 64], "datatype": "FP32"}]}).encode(),
+    "nan": _v2_with(data=[float("nan")] * 64),
+    "id-not-string": json.dumps({**_good_v2(), "id": 7}).encode(),
+    "unknown-output": json.dumps({**_good_v2(), "outputs": [{"name": "logits"}]}).encode(),
+}
+
+
+class TestBadInput:
+    """Bad bodies get a 400 JSON error and the server keeps serving."""
+
+    @pytest.mark.parametrize("body", BAD_V1.values(), ids=BAD_V1.keys())
+    async def test_kserve_v1(self, client: Client, body: bytes, test_rows: np.ndarray) -> None:
+        response = await client.post(V1, data=body)
+        assert response.status == 400
+        assert isinstance((await response.json())["error"], str)
+        healthy = await client.post(V1, json={"instances": test_rows[:1].tolist()})
+        assert healthy.status == 200
+
+    @pytest.mark.parametrize("body", BAD_V2.values(), ids=BAD_V2.keys())
+    async def test_open_inference_v2(
+        self, client: Client, body: bytes, test_rows: np.ndarray
+    ) -> None:
+        response = await client.post(V2, data=body)
+        assert response.status == 400
+        assert isinstance((await response.json())["error"], str)
+        healthy = await client.post(V2, json=v2_body(test_rows[:1]))
+        assert healthy.status == 200
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.dictionaries(st.sampled_from(["instances", "inputs", "shape", "data", "id"]), children)
+    ),
+    max_leaves=40,
+)
+
+
+class TestParsersNeverFail:
+    """Any JSON value parses into a valid batch or raises BadInput, never anything else."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(payload=json_values)
+    def test_kserve_v1(self, payload: object) -> None:
+        try:
+            batch = parse_v1(payload)
+        except BadInput:
+            return
+        assert batch.ndim == 2 and batch.shape[1] == 64 and np.isfinite(batch).all()
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        rows=st.integers(min_value=-1, max_value=3),
+        data=st.lists(st.lists(st.floats() | st.integers(), min_size=64, max_size=64), max_size=3),
+        nested=st.booleans(),
+        datatype=st.sampled_from(["FP32", "INT64", "BOOL", "BYTES", None]),
+        request_id=st.none() | st.text(max_size=3) | st.integers(),
+    )
+    def test_open_inference_v2(
+        self,
+        rows: int,
+        data: list[list[float]],
+        nested: bool,
+        datatype: str | None,
+        request_id: object,
+    ) -> None:
+        values = data if nested else [value for row in data for value in row]
+        tensor = {"name": "input-0", "shape": [rows, 64], "datatype": datatype, "data": values}
+        try:
+            parsed = parse_v2({"inputs": [tensor], "id": request_id})
+        except BadInput:
+            return
+        assert parsed.instances.shape == (rows, 64) and np.isfinite(parsed.instances).all()
+        assert parsed.id == request_id
+
+
+class TestRouting:
+    """Only the served model name answers; other names and paths get JSON 404s."""
+
+    @pytest.mark.parametrize(
+        ("method", "path"),
+        [
+            ("GET", "/v1/models/mnist"),
+            ("POST", "/v1/models/mnist:predict"),
+            ("GET", "/v2/models/mnist"),
+            ("GET", "/v2/models/mnist/ready"),
+            ("POST", "/v2/models/mnist/infer"),
+            ("GET", "/nowhere"),
+        ],
+    )
+    async def test_unknown_model_is_404(self, client: Client, method: str, path: str) -> None:
+        response = await client.request(method, path, json={"instances": [[0] * 64]})
+        assert response.status == 404
+        assert "error" in await response.json()
+
+    async def test_unknown_model_error_names_it(self, client: Client) -> None:
+        response = await client.post("/v1/models/mnist:predict", json={"instances": [[0] * 64]})
+        assert "mnist" in (await response.json())["error"]
+
+    async def test_wrong_method_is_json_405(self, client: Client) -> None:
+        response = await client.get(V1)
+        assert response.status == 405
+        assert response.headers["Allow"] == "POST"
+        assert "error" in await response.json()
+
+    async def test_custom_name(self, model: DemoModel, test_rows: np.ndarray) -> None:
+        async with TestClient(TestServer(build_app(model, name="mnist"))) as custom:
+            body = {"instances": test_rows[:1].tolist()}
+            assert (await custom.post("/v1/models/mnist:predict", json=body)).status == 200
+            assert (await custom.post(V1, json=body)).status == 404
+
+
+class TestLargeBatches:
+    """Extraction-sized batches (20,000 rows, > 2 MB) are answered; oversized bodies get 413."""
+
+    async def test_kserve_v1(self, client: Client, big_rows: np.ndarray) -> None:
+        body = json.dumps({"instances": big_rows.astype(int).tolist()}).encode()
+        assert len(body) > 2 * 1024 * 1024
+        response = await client.post(V1, data=body)
+        assert response.status == 200
+        predictions = np.asarray((await response.json())["predictions"])
+        assert predictions.shape == (20_000, 10)
+        np.testing.assert_allclose(predictions.sum(axis=1), 1.0, atol=1e-9)
+
+    async def test_open_inference_v2(self, client: Client, big_rows: np.ndarray) -> None:
+        body = json.dumps(v2_body(big_rows.astype(int), id="big")).encode()
+        assert len(body) > 2 * 1024 * 1024
+        response = await client.post(V2, data=body)
+        assert response.status == 200
+        answer = await response.json()
+        assert answer["outputs"][0]["shape"] == [20_000, 10]
+        assert len(answer["outputs"][1]["data"]) == 20_000
+
+    async def test_body_over_the_limit_is_413(self, client: Client) -> None:
+        response = await client.post(V1, data=b" " * (MAX_BODY_BYTES + 1))
+        assert response.status == 413
+        assert "error" in await response.json()
+
+
+class TestServing:
+    """The server binds a real port, and the module's entry point stops cleanly on a signal."""
+
+    async def test_start_binds_a_free_port(self, model: DemoModel) -> None:
+        runner, port = await start(model, port=0)
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{port}/v2/health/ready") as response,
+            ):
+                assert response.status == 200
+        finally:
+            await runner.cleanup()
+
+    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+    async def test_entry_point_serves_until_signalled(self, signum: signal.Signals) -> None:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "extauthz.demo.model", "--port", "0", "--name", "digits",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert process.stdout is not None
+            line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
+            assert line.startswith("demo model ready on http://127.0.0.1:")
+            port = int(line.split("http://127.0.0.1:")[1].split()[0])
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{port}/v1/models/digits") as response,
+            ):
+                assert response.status == 200
+            process.send_signal(signum)
+            assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
