@@ -76,12 +76,13 @@ class StoreContract:
             got = await store.get_client(cid)
             assert got is not None and got.requests == n
 
-    async def test_concurrent_records_are_all_counted(
-        self, store: Store, clock: FakeClock
-    ) -> None:
+    async def test_concurrent_records_are_all_counted(self, store: Store, clock: FakeClock) -> None:
         """Concurrent record() calls for one client lose no increment."""
         await asyncio.gather(
-            *(store.record("busy", tier="t", requests=1, instances=2, now=clock()) for _ in range(50))
+            *(
+                store.record("busy", tier="t", requests=1, instances=2, now=clock())
+                for _ in range(50)
+            )
         )
         got = await store.get_client("busy")
         assert got is not None and (got.requests, got.instances) == (50, 100)
@@ -149,7 +150,9 @@ class StoreContract:
     async def test_reset_forgets_the_client(self, store: Store, clock: FakeClock) -> None:
         """reset_client() reports a known client once, then it is unknown and starts afresh."""
         await store.record("c1", tier="t", requests=9, instances=9, now=clock())
-        await store.set_level("c1", level="abusive", blocked=True, reason="", now=clock(), ttl_s=None)
+        await store.set_level(
+            "c1", level="abusive", blocked=True, reason="", now=clock(), ttl_s=None
+        )
         assert await store.reset_client("c1") is True
         assert await store.reset_client("c1") is False
         assert await store.get_client("c1") is None
@@ -169,7 +172,9 @@ class StoreContract:
         ids = {f"client-{n:02d}" for n in range(23)} | {"ip:10.0.0.1", "{tag}", "a}b"}
         for cid in sorted(ids):
             await store.record(cid, tier="t", requests=1, instances=1, now=clock())
-        await store.set_level("client-05", level="abusive", blocked=False, reason="", now=clock(), ttl_s=None)
+        await store.set_level(
+            "client-05", level="abusive", blocked=False, reason="", now=clock(), ttl_s=None
+        )
         seen: list[str] = []
         cursor, pages = "", 0
         while True:
@@ -232,12 +237,16 @@ class StoreContract:
     ) -> None:
         """A pin without ttl_s keeps the record past the TTL, through activity, until unpinned."""
         store = await make_store(ttl_s=short_ttl_s)
-        await store.set_level("pinned", level="abusive", blocked=True, reason="", now=clock(), ttl_s=None)
+        await store.set_level(
+            "pinned", level="abusive", blocked=True, reason="", now=clock(), ttl_s=None
+        )
         await store.record("pinned", tier="t", requests=1, instances=1, now=clock())
         await elapse(short_ttl_s * 2)
         got = await store.get_client("pinned")
         assert got is not None and got.pinned_level == "abusive" and got.blocked
-        await store.set_level("pinned", level=None, blocked=False, reason="", now=clock(), ttl_s=None)
+        await store.set_level(
+            "pinned", level=None, blocked=False, reason="", now=clock(), ttl_s=None
+        )
         await elapse(short_ttl_s * 2)
         assert await store.get_client("pinned") is None
 

@@ -299,6 +299,24 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return _json({"error": "internal error"}, status=500)
 
 
+GUARD_HEADERS = ("x-extauthz-client", "x-extauthz-tier", "x-extauthz-risk")
+
+
+@web.middleware
+async def _log_callers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Log each request with the caller the guard named, as a model server behind extauthz would."""
+    response = await handler(request)
+    log.info(
+        "served",
+        method=request.method,
+        path=request.path,
+        status=response.status,
+        request_id=request.headers.get("x-request-id", ""),
+        **{name.removeprefix("x-extauthz-"): request.headers.get(name, "") for name in GUARD_HEADERS},
+    )
+    return response
+
+
 class _Routes:
     """The HTTP handlers of one served model."""
 
@@ -319,6 +337,10 @@ class _Routes:
         self._check_name(request)
         instances = parse_v1(parse_json(await request.read()))
         return _json({"predictions": self._model.predict_proba(instances).tolist()})
+
+    async def debug_headers(self, request: web.Request) -> web.Response:
+        """Show the request headers the model received (what the guard and Envoy passed on)."""
+        return _json({"headers": {k.lower(): v for k, v in request.headers.items()}})
 
     async def v2_server(self, request: web.Request) -> web.Response:
         return _json({"name": "extauthz-demo-model", "version": MODEL_VERSION, "extensions": []})
@@ -362,13 +384,14 @@ class _Routes:
 
 def build_app(model: DemoModel, *, name: str = DEFAULT_NAME) -> web.Application:
     """Return the aiohttp application serving ``model`` as ``name`` on both protocols."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors])
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_log_callers, _json_errors])
     routes = _Routes(model, name)
     model_path = "/models/{name:[^/:]+}"
     app.add_routes(
         [
             web.get(f"/v1{model_path}", routes.v1_model),
             web.post(f"/v1{model_path}:predict", routes.v1_predict),
+            web.get("/debug/headers", routes.debug_headers),
             web.get("/v2", routes.v2_server),
             web.get("/v2/health/live", routes.v2_live),
             web.get("/v2/health/ready", routes.v2_ready),

@@ -107,9 +107,7 @@ class MemoryStore:
         entry = self._live(client_id, self._clock())
         return None if entry is None else entry.snapshot(client_id)
 
-    async def list_clients(
-        self, *, limit: int, cursor: str = ""
-    ) -> tuple[list[ClientRecord], str]:
+    async def list_clients(self, *, limit: int, cursor: str = "") -> tuple[list[ClientRecord], str]:
         """Return up to ``limit`` records in client-id order, and the next page's cursor.
 
         Paging by client id is stable under concurrent changes: a client held for the

@@ -258,7 +258,15 @@ class RedisStore:
         self._records += 1
         trim_before = repr(now) if self._records % _TRIM_EVERY == 0 else ""
         score = repr(now + self._ttl_s)
-        args = [client_id, tier, requests, instances, repr(now), self._ttl_ms, score]
+        args: list[str | int] = [
+            client_id,
+            tier,
+            requests,
+            instances,
+            repr(now),
+            self._ttl_ms,
+            score,
+        ]
         async with self._guard("record"):
             if self._cluster:
                 fields, _ = await asyncio.gather(
@@ -278,12 +286,10 @@ class RedisStore:
     async def get_client(self, client_id: str) -> ClientRecord | None:
         """Return the client's record, or ``None`` when unknown or expired."""
         async with self._guard("get_client"):
-            fields = await self._client.hgetall(self.key(client_id))  # type: ignore[misc]
-            return _parse(client_id, fields, self._clock()) if fields else None
+            fields = await self._client.hgetall(self.key(client_id))
+            return _parse(client_id, _text(fields), self._clock()) if fields else None
 
-    async def list_clients(
-        self, *, limit: int, cursor: str = ""
-    ) -> tuple[list[ClientRecord], str]:
+    async def list_clients(self, *, limit: int, cursor: str = "") -> tuple[list[ClientRecord], str]:
         """Return up to ``limit`` records, oldest activity first, and the next cursor.
 
         A client whose record is not changed during the walk is listed exactly once; an
@@ -305,7 +311,7 @@ class RedisStore:
                 replies = await pipe.execute()
             now = self._clock()
             records = [
-                _parse(member, fields, now)
+                _parse(member, _text(fields), now)
                 for member, fields in zip(members, replies, strict=True)
                 if fields
             ]
@@ -336,8 +342,20 @@ class RedisStore:
             pin, expire_ms, score = "forever", "", "+inf"
         else:
             stay_s = max(self._ttl_s, ttl_s)
-            pin, expire_ms, score = repr(now + ttl_s), str(math.ceil(stay_s * 1000)), repr(now + stay_s)
-        args = [client_id, level or "", "1" if blocked else "0", reason, repr(now), pin, expire_ms]
+            pin, expire_ms, score = (
+                repr(now + ttl_s),
+                str(math.ceil(stay_s * 1000)),
+                repr(now + stay_s),
+            )
+        args: list[str | int] = [
+            client_id,
+            level or "",
+            "1" if blocked else "0",
+            reason,
+            repr(now),
+            pin,
+            expire_ms,
+        ]
         async with self._guard("set_level"):
             if self._cluster:
                 fields, _ = await asyncio.gather(
@@ -394,6 +412,11 @@ def _escape(client_id: str) -> str:
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
     """Turn a script's flat HGETALL reply into a mapping."""
     return {str(k): str(v) for k, v in zip(flat[0::2], flat[1::2], strict=True)}
+
+
+def _text(fields: Mapping[Any, Any]) -> dict[str, str]:
+    """Type an HGETALL reply (already decoded by the client) as text."""
+    return {str(k): str(v) for k, v in fields.items()}
 
 
 def _parse(client_id: str, fields: Mapping[str, str], now: float) -> ClientRecord:

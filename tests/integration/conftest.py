@@ -53,8 +53,20 @@ def start_redis(workdir: Path, *extra: str) -> RedisProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     log = open(workdir / f"redis-{port}.log", "wb")  # noqa: SIM115 - kept open for the child
     process = subprocess.Popen(
-        [binary, "--save", "", "--appendonly", "no", "--port", str(port),
-         "--bind", "127.0.0.1", "--dir", str(workdir), *extra],
+        [
+            binary,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(workdir),
+            *extra,
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -74,7 +86,9 @@ def start_redis(workdir: Path, *extra: str) -> RedisProcess:
                 pass
             if time.monotonic() > deadline:
                 stop_redis(server)
-                pytest.fail(f"redis-server on port {port} did not answer within {_START_TIMEOUT_S}s")
+                pytest.fail(
+                    f"redis-server on port {port} did not answer within {_START_TIMEOUT_S}s"
+                )
             time.sleep(0.02)
     finally:
         probe.close()

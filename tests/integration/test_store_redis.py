@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,8 @@ from tests.store_contract import LONG_TTL_S, Elapse, FakeClock, MakeStore, Store
 pytestmark = pytest.mark.redis
 
 TIMEOUT_S = 2.0
+
+MakeRedisStore = Callable[..., Awaitable[RedisStore]]
 
 
 @pytest.fixture
@@ -43,7 +45,7 @@ def elapse(clock: FakeClock) -> Elapse:
     return elapse
 
 
-async def _store_factory(url: str, clock: FakeClock) -> AsyncIterator[MakeStore]:
+async def _store_factory(url: str, clock: FakeClock) -> AsyncIterator[MakeRedisStore]:
     stores: list[RedisStore] = []
 
     async def make(*, ttl_s: float = LONG_TTL_S, max_clients: int = 1_000) -> RedisStore:
@@ -59,7 +61,7 @@ async def _store_factory(url: str, clock: FakeClock) -> AsyncIterator[MakeStore]
 
 
 @pytest.fixture
-async def make_store(redis_url: str, clock: FakeClock) -> AsyncIterator[MakeStore]:
+async def make_store(redis_url: str, clock: FakeClock) -> AsyncIterator[MakeRedisStore]:
     async for make in _store_factory(redis_url, clock):
         yield make
 
@@ -82,7 +84,9 @@ class TestRedisClusterStoreContract(StoreContract):
 class TestRoundTrips:
     """record() costs the server one command from the store: one round trip."""
 
-    async def test_record_is_one_command(self, redis_url: str, make_store: MakeStore, clock: FakeClock) -> None:
+    async def test_record_is_one_command(
+        self, redis_url: str, make_store: MakeRedisStore, clock: FakeClock
+    ) -> None:
         """MONITOR sees exactly one non-script command (EVALSHA) from the store per record().
 
         Counted on the server: MONITOR lists every command with its client, and marks
@@ -109,7 +113,9 @@ class TestRoundTrips:
 class TestKeys:
     """Every key of one client lands in one cluster slot, whatever its id holds."""
 
-    @pytest.mark.parametrize("client_id", ["abc123", "ip:127.0.0.2", "a}b", "{x}", "}{", "%7D", "é"])
+    @pytest.mark.parametrize(
+        "client_id", ["abc123", "ip:127.0.0.2", "a}b", "{x}", "}{", "%7D", "é"]
+    )
     def test_keys_of_one_client_share_a_slot(self, client_id: str, clock: FakeClock) -> None:
         """The state key and any other kind of key hash to the slot of the client's tag."""
         store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout_s=1.0, clock=clock)
@@ -126,7 +132,9 @@ class TestKeys:
         # Were the tag cut at the brace, all 50 would share the slot of "c:x".
         assert len(slots) > 1
 
-    async def test_record_sets_the_ttl_on_the_key(self, redis_url: str, make_store: MakeStore, clock: FakeClock) -> None:
+    async def test_record_sets_the_ttl_on_the_key(
+        self, redis_url: str, make_store: MakeRedisStore, clock: FakeClock
+    ) -> None:
         """The state hash carries a Redis TTL equal to the store TTL."""
         store = await make_store(ttl_s=100.0)
         await store.record("c1", tier="t", requests=1, instances=1, now=clock())
@@ -134,7 +142,9 @@ class TestKeys:
             pttl = await raw.pttl(store.key("c1"))
         assert 99_000 < pttl <= 100_000
 
-    async def test_registry_is_capped(self, redis_url: str, make_store: MakeStore, clock: FakeClock) -> None:
+    async def test_registry_is_capped(
+        self, redis_url: str, make_store: MakeRedisStore, clock: FakeClock
+    ) -> None:
         """The client registry never holds more than max_clients entries, dropping the oldest."""
         store = await make_store(max_clients=5)
         for n in range(20):
@@ -144,11 +154,35 @@ class TestKeys:
             members = await raw.zrange("extauthz:clients", 0, -1)
         assert members == [f"c{n:02d}" for n in range(15, 20)]
 
+    async def test_registry_drops_expired_clients_when_trimming(
+        self,
+        redis_url: str,
+        make_store: MakeRedisStore,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Every _TRIM_EVERY records, registry entries past their expiry are removed."""
+        monkeypatch.setattr("extauthz.store.redis._TRIM_EVERY", 4)
+        store = await make_store(ttl_s=10.0)
+        await store.record("old", tier="t", requests=1, instances=1, now=clock())
+        await store.set_level(
+            "pinned", level="abusive", blocked=False, reason="", now=clock(), ttl_s=None
+        )
+        clock.advance(20.0)
+        async with Redis.from_url(redis_url, decode_responses=True) as raw:
+            for _ in range(2):
+                await store.record("busy", tier="t", requests=1, instances=1, now=clock())
+            assert await raw.zscore("extauthz:clients", "old") is not None
+            await store.record("busy", tier="t", requests=1, instances=1, now=clock())
+            assert set(await raw.zrange("extauthz:clients", 0, -1)) == {"busy", "pinned"}
+
 
 class TestScripts:
     """The Lua scripts are reloaded when Redis forgot them."""
 
-    async def test_script_flush_is_transparent(self, redis_url: str, make_store: MakeStore, clock: FakeClock) -> None:
+    async def test_script_flush_is_transparent(
+        self, redis_url: str, make_store: MakeRedisStore, clock: FakeClock
+    ) -> None:
         """After SCRIPT FLUSH, record() and set_level() still work and keep the counts."""
         store = await make_store()
         await store.record("c1", tier="t", requests=1, instances=1, now=clock())
@@ -158,14 +192,18 @@ class TestScripts:
         assert again.requests == 2
         async with Redis.from_url(redis_url) as raw:
             await raw.script_flush()
-        pinned = await store.set_level("c1", level="abusive", blocked=False, reason="", now=clock(), ttl_s=None)
+        pinned = await store.set_level(
+            "c1", level="abusive", blocked=False, reason="", now=clock(), ttl_s=None
+        )
         assert pinned.pinned_level == "abusive" and pinned.requests == 2
 
 
 class TestUrls:
     """from_url takes the schemes it documents and refuses others."""
 
-    async def test_unix_socket(self, redis_factory: Callable[..., RedisProcess], tmp_path: Path, clock: FakeClock) -> None:
+    async def test_unix_socket(
+        self, redis_factory: Callable[..., RedisProcess], tmp_path: Path, clock: FakeClock
+    ) -> None:
         """A unix:// URL reaches a server listening on a Unix socket."""
         sock = tmp_path / "redis.sock"
         redis_factory("--unixsocket", str(sock))
@@ -212,7 +250,9 @@ class TestFailures:
 
     async def test_nothing_listening(self, clock: FakeClock) -> None:
         """Every call against a closed port raises StoreError with the cause chained."""
-        store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5, clock=clock)
+        store = RedisStore.from_url(
+            f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5, clock=clock
+        )
         try:
             await _every_call_raises_store_error(store, clock)
         finally:
@@ -220,7 +260,9 @@ class TestFailures:
 
     async def test_nothing_listening_in_cluster_mode(self, clock: FakeClock) -> None:
         """Cluster discovery failing is a StoreError too."""
-        store = RedisStore.from_url(f"redis+cluster://127.0.0.1:{free_port()}", timeout_s=0.5, clock=clock)
+        store = RedisStore.from_url(
+            f"redis+cluster://127.0.0.1:{free_port()}", timeout_s=0.5, clock=clock
+        )
         try:
             await _every_call_raises_store_error(store, clock)
         finally:
@@ -247,7 +289,9 @@ class TestFailures:
         finally:
             await store.close()
 
-    async def test_foreign_value_in_a_key(self, redis_url: str, make_store: MakeStore, clock: FakeClock) -> None:
+    async def test_foreign_value_in_a_key(
+        self, redis_url: str, make_store: MakeRedisStore, clock: FakeClock
+    ) -> None:
         """A key of the wrong type (WRONGTYPE) is reported as StoreError, not a ResponseError."""
         store = await make_store()
         async with Redis.from_url(redis_url) as raw:

@@ -73,14 +73,18 @@ class TestMemoryStoreBounds:
     async def test_pinned_clients_are_evicted_last(self, clock: FakeClock) -> None:
         """A pinned client survives a flood of new clients; when all are pinned the oldest goes."""
         store = MemoryStore(max_clients=4, ttl_s=LONG_TTL_S, clock=clock)
-        await store.set_level("op", level="abusive", blocked=True, reason="", now=clock(), ttl_s=None)
+        await store.set_level(
+            "op", level="abusive", blocked=True, reason="", now=clock(), ttl_s=None
+        )
         for n in range(40):
             await store.record(f"c{n}", tier="t", requests=1, instances=1, now=clock())
         got = await store.get_client("op")
         assert got is not None and got.blocked
         assert len(store) == 4
         for n in range(4):
-            await store.set_level(f"p{n}", level="abusive", blocked=False, reason="", now=clock(), ttl_s=None)
+            await store.set_level(
+                f"p{n}", level="abusive", blocked=False, reason="", now=clock(), ttl_s=None
+            )
         assert await store.get_client("op") is None
         assert len(store) == 4
 
@@ -116,4 +120,6 @@ class TestMemoryStoreValidation:
         """set_level with ttl_s <= 0 is a ValueError, not an instantly lapsed pin."""
         store = MemoryStore(clock=clock)
         with pytest.raises(ValueError):
-            await store.set_level("c", level="abusive", blocked=False, reason="", now=clock(), ttl_s=0.0)
+            await store.set_level(
+                "c", level="abusive", blocked=False, reason="", now=clock(), ttl_s=0.0
+            )
