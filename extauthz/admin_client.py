@@ -20,22 +20,51 @@ class AdminClient:
         self._timeout = timeout_s
 
     def get_client(self, client_id: str) -> dict[str, Any]:
-        return _plain(self._stub.GetClient(admin_pb2.GetClientRequest(client_id=client_id),
-                                           metadata=self._metadata, timeout=self._timeout))
+        return _plain(
+            self._stub.GetClient(
+                admin_pb2.GetClientRequest(client_id=client_id),
+                metadata=self._metadata,
+                timeout=self._timeout,
+            )
+        )
 
     def list_clients(self, *, limit: int = 100, page_token: str = "") -> dict[str, Any]:
-        return _plain(self._stub.ListClients(admin_pb2.ListClientsRequest(page_size=limit, page_token=page_token),
-                                             metadata=self._metadata, timeout=self._timeout))
+        return _plain(
+            self._stub.ListClients(
+                admin_pb2.ListClientsRequest(page_size=limit, page_token=page_token),
+                metadata=self._metadata,
+                timeout=self._timeout,
+            )
+        )
 
     def reset(self, client_id: str) -> dict[str, Any]:
-        return _plain(self._stub.ResetClient(admin_pb2.ResetClientRequest(client_id=client_id),
-                                             metadata=self._metadata, timeout=self._timeout))
+        return _plain(
+            self._stub.ResetClient(
+                admin_pb2.ResetClientRequest(client_id=client_id),
+                metadata=self._metadata,
+                timeout=self._timeout,
+            )
+        )
 
-    def set_level(self, client_id: str, level: str | None, *, blocked: bool = False, reason: str = "",
-                  ttl_s: float = 0.0) -> dict[str, Any]:
-        request = admin_pb2.SetClientLevelRequest(client_id=client_id, level=level or "", blocked=blocked,
-                                                  reason=reason, ttl_seconds=ttl_s)
-        return _plain(self._stub.SetClientLevel(request, metadata=self._metadata, timeout=self._timeout))
+    def set_level(
+        self,
+        client_id: str,
+        level: str | None,
+        *,
+        blocked: bool = False,
+        reason: str = "",
+        ttl_s: float = 0.0,
+    ) -> dict[str, Any]:
+        request = admin_pb2.SetClientLevelRequest(
+            client_id=client_id,
+            level=level or "",
+            blocked=blocked,
+            reason=reason,
+            ttl_seconds=ttl_s,
+        )
+        return _plain(
+            self._stub.SetClientLevel(request, metadata=self._metadata, timeout=self._timeout)
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -48,6 +77,7 @@ class AdminClient:
 
 
 def _plain(message: Any) -> dict[str, Any]:
-    result: dict[str, Any] = MessageToDict(message, always_print_fields_with_no_presence=True,
-                                           preserving_proto_field_name=True)
+    result: dict[str, Any] = MessageToDict(
+        message, always_print_fields_with_no_presence=True, preserving_proto_field_name=True
+    )
     return result

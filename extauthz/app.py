@@ -42,12 +42,19 @@ def create_store(settings: Settings, clock: Callable[[], float]) -> Store:
     if settings.store_url == "memory":
         from extauthz.store.memory import MemoryStore
 
-        return MemoryStore(max_clients=settings.memory_max_clients, ttl_s=settings.client_ttl_s, clock=clock)
-    if settings.store_url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
+        return MemoryStore(
+            max_clients=settings.memory_max_clients, ttl_s=settings.client_ttl_s, clock=clock
+        )
+    if settings.store_url.startswith(
+        ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+    ):
         from extauthz.store.redis import RedisStore
 
         return RedisStore.from_url(
-            settings.store_url, timeout_s=settings.decision_budget_s, ttl_s=settings.client_ttl_s, clock=clock
+            settings.store_url,
+            timeout_s=settings.decision_budget_s,
+            ttl_s=settings.client_ttl_s,
+            clock=clock,
         )
     raise ValueError(f"store_url: expected 'memory' or a redis:// URL, got {settings.store_url!r}")
 
@@ -86,7 +93,9 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
     """Start the gRPC and HTTP servers; ports 0 pick free ones (see ``Guard.grpc_port``)."""
     policy = PolicyHolder(settings.policy_path, clock=clock)
     store = create_store(settings, clock)
-    core = DecisionCore(lambda: policy.current, store, clock=clock, budget_s=settings.decision_budget_s)
+    core = DecisionCore(
+        lambda: policy.current, store, clock=clock, budget_s=settings.decision_budget_s
+    )
     readiness = Readiness()
 
     server = grpc.aio.server(
@@ -108,7 +117,11 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
@@ -125,7 +138,9 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     readiness.set_ready(True)
-    guard = Guard(settings, server, grpc_port, http_runner, http_port, policy, store, readiness, health)
+    guard = Guard(
+        settings, server, grpc_port, http_runner, http_port, policy, store, readiness, health
+    )
     guard.tasks.append(asyncio.create_task(policy.watch(settings.reload_interval_s)))
     log.info(
         "serving",

@@ -78,7 +78,10 @@ def _admin(args: argparse.Namespace) -> int:
     token_file = args.token_file or os.environ.get("EXTAUTHZ_ADMIN_TOKEN_FILE")
     token = read_token(Path(token_file)) if token_file else None
     if token is None:
-        print("extauthz admin: give --token-file (or EXTAUTHZ_ADMIN_TOKEN_FILE) with the admin token", file=sys.stderr)
+        print(
+            "extauthz admin: give --token-file (or EXTAUTHZ_ADMIN_TOKEN_FILE) with the admin token",
+            file=sys.stderr,
+        )
         return 2
     with AdminClient(args.target, token, timeout_s=args.timeout) as admin:
         try:
@@ -91,7 +94,9 @@ def _admin(args: argparse.Namespace) -> int:
                 reply = admin.reset(args.client_id)
             else:
                 level = None if args.level == "none" else args.level
-                reply = admin.set_level(args.client_id, level, blocked=args.block, reason=args.reason, ttl_s=args.ttl)
+                reply = admin.set_level(
+                    args.client_id, level, blocked=args.block, reason=args.reason, ttl_s=args.ttl
+                )
         except grpc.RpcError as exc:
             print(f"extauthz admin: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -106,7 +111,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="extauthz", description="Model-theft defense beside Envoy.")
+    parser = argparse.ArgumentParser(
+        prog="extauthz", description="Model-theft defense beside Envoy."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the guard (gRPC :9191, HTTP :9192)")
@@ -115,11 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int)
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--store", help="'memory' (default) or a redis:// URL")
-    serve.add_argument("--budget-ms", type=float, help="decision budget bounding store calls (default 50)")
+    serve.add_argument(
+        "--budget-ms", type=float, help="decision budget bounding store calls (default 50)"
+    )
     serve.add_argument("--max-message-bytes", type=int, help="largest model body (default 8 MiB)")
-    serve.add_argument("--admin-token-file", type=Path, help="file with the admin API's bearer token")
-    serve.add_argument("--drain-s", type=float, help="seconds NOT_SERVING before stopping (default 5)")
-    serve.add_argument("--reload-interval-s", type=float, help="policy file poll interval (default 2)")
+    serve.add_argument(
+        "--admin-token-file", type=Path, help="file with the admin API's bearer token"
+    )
+    serve.add_argument(
+        "--drain-s", type=float, help="seconds NOT_SERVING before stopping (default 5)"
+    )
+    serve.add_argument(
+        "--reload-interval-s", type=float, help="policy file poll interval (default 2)"
+    )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--log-format", choices=("json", "console"))
     serve.set_defaults(func=_serve)
@@ -130,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     admin = commands.add_parser("admin", help="inspect and steer clients through the admin API")
     admin.add_argument("--target", default="127.0.0.1:9191")
-    admin.add_argument("--token-file", help="admin bearer token file (or EXTAUTHZ_ADMIN_TOKEN_FILE)")
+    admin.add_argument(
+        "--token-file", help="admin bearer token file (or EXTAUTHZ_ADMIN_TOKEN_FILE)"
+    )
     admin.add_argument("--timeout", type=float, default=5.0)
     admin_commands = admin.add_subparsers(dest="admin_command", required=True)
     get_client = admin_commands.add_parser("get-client", help="show one client")
@@ -140,17 +157,27 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--page-token", default="")
     reset = admin_commands.add_parser("reset", help="forget a client")
     reset.add_argument("client_id")
-    set_level = admin_commands.add_parser("set-level", help="pin a client's risk level, or block it")
+    set_level = admin_commands.add_parser(
+        "set-level", help="pin a client's risk level, or block it"
+    )
     set_level.add_argument("client_id")
     set_level.add_argument("level", choices=("normal", "elevated", "suspicious", "abusive", "none"))
     set_level.add_argument("--block", action="store_true", help="also block the client")
     set_level.add_argument("--reason", default="")
-    set_level.add_argument("--ttl", type=float, default=0.0, help="seconds the pin lasts (0: until reset)")
+    set_level.add_argument(
+        "--ttl", type=float, default=0.0, help="seconds the pin lasts (0: until reset)"
+    )
     admin.set_defaults(func=_admin)
 
-    demo = commands.add_parser("demo", help="run model + guard + Envoy locally and send traffic through")
-    demo.add_argument("--keep", action="store_true", help="leave the stack running after the traffic")
-    demo.add_argument("--workdir", help="where logs and configs go (default: a temporary directory)")
+    demo = commands.add_parser(
+        "demo", help="run model + guard + Envoy locally and send traffic through"
+    )
+    demo.add_argument(
+        "--keep", action="store_true", help="leave the stack running after the traffic"
+    )
+    demo.add_argument(
+        "--workdir", help="where logs and configs go (default: a temporary directory)"
+    )
     demo.set_defaults(func=_demo)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -48,6 +49,9 @@ class Settings:
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ValueError(f"{name}: must be a port number 0..65535, got {value}")
+        for name in ("decision_budget_ms", "reload_interval_s", "drain_s", "client_ttl_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}: must be a finite number")
         if self.decision_budget_ms <= 0:
             raise ValueError("decision_budget_ms: must be a positive number")
         if self.max_message_bytes < 1024:

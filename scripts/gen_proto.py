@@ -33,13 +33,19 @@ def generate(out_root: Path) -> list[Path]:
         if protoc.main(args) != 0:
             raise SystemExit(f"protoc failed on {name}")
     for package in (out_root / "extauthz/_proto", out_root / OUT_PACKAGE):
-        (package / "__init__.py").write_text('"""Generated from proto/ by scripts/gen_proto.py; never edit."""\n')
-    return sorted(p.relative_to(out_root) for p in (out_root / "extauthz/_proto").rglob("*") if p.is_file())
+        (package / "__init__.py").write_text(
+            '"""Generated from proto/ by scripts/gen_proto.py; never edit."""\n'
+        )
+    return sorted(
+        p.relative_to(out_root) for p in (out_root / "extauthz/_proto").rglob("*") if p.is_file()
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="compare with the committed code instead")
+    parser.add_argument(
+        "--check", action="store_true", help="compare with the committed code instead"
+    )
     args = parser.parse_args()
     if not args.check:
         files = generate(ROOT)
@@ -47,9 +53,15 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         files = generate(Path(tmp))
-        stale = [f for f in files if not (ROOT / f).is_file() or not filecmp.cmp(Path(tmp) / f, ROOT / f, shallow=False)]
+        stale = [
+            f
+            for f in files
+            if not (ROOT / f).is_file() or not filecmp.cmp(Path(tmp) / f, ROOT / f, shallow=False)
+        ]
     if stale:
-        print("stale generated code (run `make proto`):", ", ".join(map(str, stale)), file=sys.stderr)
+        print(
+            "stale generated code (run `make proto`):", ", ".join(map(str, stale)), file=sys.stderr
+        )
         return 1
     print("generated code is up to date")
     return 0

@@ -78,21 +78,32 @@ class DecisionCore:
         enforced = policy.mode == "enforce"
         if identity.error:
             # A key the policy does not know: no challenge can fix it, so refuse with 401.
-            return self._verdict(Action.BLOCK, identity, RiskLevel.NORMAL, (identity.error,), enforced,
-                                 status=401)
+            return self._verdict(
+                Action.BLOCK, identity, RiskLevel.NORMAL, (identity.error,), enforced, status=401
+            )
         deny = policy.deny
         if (
             identity.client_id in deny.clients
             or (identity.key_sha256 and identity.key_sha256 in deny.key_sha256)
             or in_networks(identity.address, deny.networks)
         ):
-            return self._verdict(Action.BLOCK, identity, RiskLevel.ABUSIVE, ("deny_list",), enforced)
+            return self._verdict(
+                Action.BLOCK, identity, RiskLevel.ABUSIVE, ("deny_list",), enforced
+            )
         record = await self.charge(identity, requests=1, instances=0, snapshot=snapshot)
         if record is None:
             if policy.fail_modes.store == "deny":
-                return self._verdict(Action.BLOCK, identity, RiskLevel.NORMAL, ("store_unavailable",),
-                                     enforced, status=503)
-            return self._verdict(Action.ALLOW, identity, RiskLevel.NORMAL, ("store_unavailable",), enforced)
+                return self._verdict(
+                    Action.BLOCK,
+                    identity,
+                    RiskLevel.NORMAL,
+                    ("store_unavailable",),
+                    enforced,
+                    status=503,
+                )
+            return self._verdict(
+                Action.ALLOW, identity, RiskLevel.NORMAL, ("store_unavailable",), enforced
+            )
         return self.judge(identity, record, snapshot)
 
     def judge(self, identity: Identity, record: ClientRecord, snapshot: Snapshot) -> Decision:
@@ -106,9 +117,13 @@ class DecisionCore:
                 level = RiskLevel.parse(record.pinned_level)
                 reasons.append(f"pinned_{level.label}")
             except ValueError:
-                log.warning("bad_pinned_level", client=identity.client_id, level=record.pinned_level)
+                log.warning(
+                    "bad_pinned_level", client=identity.client_id, level=record.pinned_level
+                )
         if record.blocked:
-            return self._verdict(Action.BLOCK, identity, RiskLevel.ABUSIVE, ("operator_block", *reasons), enforced)
+            return self._verdict(
+                Action.BLOCK, identity, RiskLevel.ABUSIVE, ("operator_block", *reasons), enforced
+            )
         action = policy.levels.action_for(level)
         retry = policy.retry_after_s if action is Action.THROTTLE else 0
         return self._verdict(action, identity, level, tuple(reasons), enforced, retry_after_s=retry)
@@ -120,7 +135,10 @@ class DecisionCore:
         try:
             async with asyncio.timeout(self._budget_s):
                 return await self._store.record(
-                    identity.client_id, tier=identity.tier, requests=requests, instances=instances,
+                    identity.client_id,
+                    tier=identity.tier,
+                    requests=requests,
+                    instances=instances,
                     now=self._clock(),
                 )
         except (StoreError, TimeoutError) as exc:
@@ -139,4 +157,6 @@ class DecisionCore:
         status: int | None = None,
         retry_after_s: int = 0,
     ) -> Decision:
-        return Decision(action, identity, level, reasons, status or _STATUS[action], retry_after_s, enforced)
+        return Decision(
+            action, identity, level, reasons, status or _STATUS[action], retry_after_s, enforced
+        )

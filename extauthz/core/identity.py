@@ -53,8 +53,14 @@ def identify(request: RequestInfo, snapshot: Snapshot) -> Identity:
         if key is not None:
             return Identity(f"key:{key.name}", key.tier, "api_key", digest, address)
         if policy.identity.unknown_key == "deny":
-            return Identity(f"key:{digest[:16]}", policy.identity.anonymous_tier, "api_key", digest, address,
-                            error="invalid_api_key")
+            return Identity(
+                f"key:{digest[:16]}",
+                policy.identity.anonymous_tier,
+                "api_key",
+                digest,
+                address,
+                error="invalid_api_key",
+            )
     jwt = policy.identity.jwt
     if jwt is not None and request.jwt_payload:
         subject = request.jwt_payload.get(jwt.subject_claim)
@@ -62,7 +68,7 @@ def identify(request: RequestInfo, snapshot: Snapshot) -> Identity:
             issuer = str(request.jwt_payload.get("iss", ""))
             tier = request.jwt_payload.get(jwt.tier_claim)
             if not isinstance(tier, str) or tier not in policy.tiers:
-                tier = jwt.default_tier
+                tier = jwt.default_tier or policy.identity.anonymous_tier
             opaque = hashlib.sha256(f"{issuer}\0{subject}".encode()).hexdigest()[:16]
             return Identity(f"jwt:{opaque}", tier, "jwt", address=address)
     return Identity(f"ip:{address}", policy.identity.anonymous_tier, "anonymous", address=address)
@@ -78,12 +84,18 @@ def normalize_address(text: str) -> str:
     elif text.count(":") == 1:
         text = text.rsplit(":", 1)[0]
     try:
-        return str(ipaddress.ip_address(text))
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return "unknown"
+    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d: one client, one id.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
 
 
-def in_networks(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+def in_networks(
+    address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
     if not networks or address == "unknown":
         return False
     ip = ipaddress.ip_address(address)

@@ -22,8 +22,17 @@ class Reply:
 class Client:
     """One keep-alive HTTP/1.1 connection to ``port`` from ``source`` (any 127.0.0.0/8 address)."""
 
-    def __init__(self, port: int, *, source: str = "127.0.0.1", host: str = "127.0.0.1", timeout_s: float = 30.0) -> None:
-        self._connection = http.client.HTTPConnection(host, port, timeout=timeout_s, source_address=(source, 0))
+    def __init__(
+        self,
+        port: int,
+        *,
+        source: str = "127.0.0.1",
+        host: str = "127.0.0.1",
+        timeout_s: float = 30.0,
+    ) -> None:
+        self._connection = http.client.HTTPConnection(
+            host, port, timeout=timeout_s, source_address=(source, 0)
+        )
 
     def request(
         self, method: str, path: str, *, body: Any = None, headers: Mapping[str, str] | None = None

@@ -72,11 +72,21 @@ class LocalStack:
 
     def start_guard(self) -> stack.Process:
         """(Re)start the guard alone, e.g. after a test stopped it."""
-        args = ["--admin-token-file", str(self.admin_token_file), "--drain-s", "0",
-                "--reload-interval-s", "0.2", *self._guard_args]
+        args = [
+            "--admin-token-file",
+            str(self.admin_token_file),
+            "--drain-s",
+            "0",
+            "--reload-interval-s",
+            "0.2",
+            *self._guard_args,
+        ]
         self.guard = stack.start_guard(
-            policy=self.policy, grpc_port=self.ports.guard, http_port=self.guard_http_port,
-            workdir=self.workdir, extra_args=args,
+            policy=self.policy,
+            grpc_port=self.ports.guard,
+            http_port=self.guard_http_port,
+            workdir=self.workdir,
+            extra_args=args,
         )
         return self.guard
 
@@ -93,5 +103,10 @@ class LocalStack:
     def __enter__(self) -> LocalStack:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.cleanup()

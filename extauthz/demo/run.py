@@ -46,13 +46,23 @@ def _kserve(rows: np.ndarray) -> dict[str, Any]:
 
 
 def _oip(rows: np.ndarray) -> dict[str, Any]:
-    return {"inputs": [{"name": "input-0", "shape": list(rows.shape), "datatype": "FP64",
-                        "data": rows.ravel().tolist()}]}
+    return {
+        "inputs": [
+            {
+                "name": "input-0",
+                "shape": list(rows.shape),
+                "datatype": "FP64",
+                "data": rows.ravel().tolist(),
+            }
+        ]
+    }
 
 
 def _decimals(values: list[float]) -> int:
     """The most decimals any of ``values`` shows (how much detail the answer kept)."""
-    return max((len(repr(float(v)).split(".")[1]) if "e" not in repr(float(v)) else 17) for v in values)
+    return max(
+        (len(repr(float(v)).split(".")[1]) if "e" not in repr(float(v)) else 17) for v in values
+    )
 
 
 def run_traffic(stack: LocalStack, say: Callable[[str], None]) -> list[ClientReport]:
@@ -68,7 +78,9 @@ def run_traffic(stack: LocalStack, say: Callable[[str], None]) -> list[ClientRep
     with Client(port, source=anon.source) as http:
         for row in x_test[:20]:
             reply = anon.record(http.post(KSERVE, _kserve(row[None, :])), 1)
-        anon.notes.append(f"answers keep {_decimals(reply.json()['predictions'][0])} decimals (tier anonymous)")
+        anon.notes.append(
+            f"answers keep {_decimals(reply.json()['predictions'][0])} decimals (tier anonymous)"
+        )
         forged = http.post(KSERVE, _kserve(x_test[:1]), headers={"x-extauthz-tier": "trusted"})
         anon.record(forged, 1)
         anon.notes.append(
@@ -80,24 +92,40 @@ def run_traffic(stack: LocalStack, say: Callable[[str], None]) -> list[ClientRep
     free = ClientReport("alice (free key)", "127.0.0.4")
     with Client(port, source=free.source) as http:
         for start in range(0, 80, 8):
-            reply = free.record(http.post(KSERVE, _kserve(x_test[start:start + 8]),
-                                          headers={"x-api-key": "demo-free-key"}), 8)
-        free.notes.append(f"answers keep {_decimals(reply.json()['predictions'][0])} decimals (tier free)")
+            reply = free.record(
+                http.post(
+                    KSERVE,
+                    _kserve(x_test[start : start + 8]),
+                    headers={"x-api-key": "demo-free-key"},
+                ),
+                8,
+            )
+        free.notes.append(
+            f"answers keep {_decimals(reply.json()['predictions'][0])} decimals (tier free)"
+        )
     reports.append(free)
 
     # 3. A trusted customer on Open Inference v2: full detail, large batches.
     trusted = ClientReport("bob (trusted key, OIP v2)", "127.0.0.5")
     with Client(port, source=trusted.source) as http:
-        reply = trusted.record(http.post(OIP, _oip(x_test[:256]), headers={"x-api-key": "demo-trusted-key"}), 256)
-        trusted.notes.append(f"answers keep {_decimals(reply.json()['outputs'][0]['data'][:10])} decimals (passthrough)")
+        reply = trusted.record(
+            http.post(OIP, _oip(x_test[:256]), headers={"x-api-key": "demo-trusted-key"}), 256
+        )
+        trusted.notes.append(
+            f"answers keep {_decimals(reply.json()['outputs'][0]['data'][:10])} decimals (passthrough)"
+        )
     reports.append(trusted)
 
     # 4. A leaked key on the deny list, and a made-up key.
     leaked = ClientReport("mallory (deny-listed key)", "127.0.0.6")
     with Client(port, source=leaked.source) as http:
-        reply = leaked.record(http.post(KSERVE, _kserve(x_test[:1]), headers={"x-api-key": "demo-stolen-key"}), 1)
+        reply = leaked.record(
+            http.post(KSERVE, _kserve(x_test[:1]), headers={"x-api-key": "demo-stolen-key"}), 1
+        )
         leaked.notes.append(f"refused: {reply.json().get('error')}")
-        reply = leaked.record(http.post(KSERVE, _kserve(x_test[:1]), headers={"x-api-key": "guessed-key"}), 1)
+        reply = leaked.record(
+            http.post(KSERVE, _kserve(x_test[:1]), headers={"x-api-key": "guessed-key"}), 1
+        )
         leaked.notes.append(f"unknown key refused: {reply.json().get('error')}")
     reports.append(leaked)
 
@@ -105,25 +133,31 @@ def run_traffic(stack: LocalStack, say: Callable[[str], None]) -> list[ClientRep
     harvester = ClientReport("harvester (anonymous)", "127.0.0.3")
     with Client(port, source=harvester.source) as http:
         for start in range(0, 160, 16):
-            harvester.record(http.post(KSERVE, _kserve(x_test[start:start + 16])), 16)
+            harvester.record(http.post(KSERVE, _kserve(x_test[start : start + 16])), 16)
         reply = harvester.record(http.post(KSERVE, _kserve(x_test[:64])), 64)
-        harvester.notes.append(f"batch of 64 over the anonymous cap of 16: {reply.status} {reply.json().get('error')}")
+        harvester.notes.append(
+            f"batch of 64 over the anonymous cap of 16: {reply.status} {reply.json().get('error')}"
+        )
         with AdminClient(stack.admin_target, stack.admin_token) as admin:
             admin.set_level("ip:127.0.0.3", "abusive", reason="demo: harvesting")
         harvester.notes.append("operator pinned ip:127.0.0.3 to abusive (extauthz admin set-level)")
         for start in range(0, 48, 16):
-            reply = harvester.record(http.post(KSERVE, _kserve(x_test[start:start + 16])), 16)
+            reply = harvester.record(http.post(KSERVE, _kserve(x_test[start : start + 16])), 16)
         harvester.notes.append(f"after the pin: {reply.status} {reply.json().get('error')}")
     reports.append(harvester)
     return reports
 
 
-def print_report(reports: list[ClientReport], stack: LocalStack, say: Callable[[str], None]) -> None:
+def print_report(
+    reports: list[ClientReport], stack: LocalStack, say: Callable[[str], None]
+) -> None:
     say("")
     say(f"{'client':28} {'source':10} {'responses':24} {'instances sent/answered':>24}")
     for r in reports:
         statuses = " ".join(f"{code}x{count}" for code, count in sorted(r.statuses.items()))
-        say(f"{r.label:28} {r.source:10} {statuses:24} {r.instances_sent:>12}/{r.instances_answered:<11}")
+        say(
+            f"{r.label:28} {r.source:10} {statuses:24} {r.instances_sent:>12}/{r.instances_answered:<11}"
+        )
         for note in r.notes:
             say(f"{'':4}- {note}")
     with AdminClient(stack.admin_target, stack.admin_token) as admin:
@@ -131,8 +165,10 @@ def print_report(reports: list[ClientReport], stack: LocalStack, say: Callable[[
     say("")
     say("what the guard recorded (extauthz admin list):")
     for c in sorted(clients, key=lambda c: c["client_id"]):
-        say(f"    {c['client_id']:16} tier={c['tier']:9} requests={c['requests']:>4} instances={c['instances']:>5} "
-            f"level={c['effective_level']:8} action={c['action']}")
+        say(
+            f"    {c['client_id']:16} tier={c['tier']:9} requests={c['requests']:>4} instances={c['instances']:>5} "
+            f"level={c['effective_level']:8} action={c['action']}"
+        )
 
 
 def expectations(reports: list[ClientReport]) -> list[str]:
@@ -161,8 +197,10 @@ def run_demo(*, keep: bool = False, workdir: Path | None = None) -> int:
     started = time.monotonic()
     stack = LocalStack(policy=DEMO_POLICY, workdir=workdir, fixed_ports=keep)
     with stack:
-        say(f"  up in {time.monotonic() - started:.1f}s: Envoy :{stack.ports.listener} -> guard :{stack.ports.guard} "
-            f"-> model :{stack.ports.model} (logs in {stack.workdir})")
+        say(
+            f"  up in {time.monotonic() - started:.1f}s: Envoy :{stack.ports.listener} -> guard :{stack.ports.guard} "
+            f"-> model :{stack.ports.model} (logs in {stack.workdir})"
+        )
         say("sending benign and abusive traffic through Envoy ...")
         reports = run_traffic(stack, say)
         print_report(reports, stack, say)
@@ -172,9 +210,13 @@ def run_demo(*, keep: bool = False, workdir: Path | None = None) -> int:
             for problem in problems:
                 say(f"UNEXPECTED: {problem}")
             return 1
-        say("demo ok: benign clients served, the leaked key, the harvester's oversized batch and the blocked client refused")
+        say(
+            "demo ok: benign clients served, the leaked key, the harvester's oversized batch and the blocked client refused"
+        )
         if keep:
-            say(f"KEEP=1: the stack stays up (Envoy http://127.0.0.1:{stack.ports.listener}); Ctrl-C stops it")
+            say(
+                f"KEEP=1: the stack stays up (Envoy http://127.0.0.1:{stack.ports.listener}); Ctrl-C stops it"
+            )
             try:
                 signal.sigwait({signal.SIGINT, signal.SIGTERM})
             except KeyboardInterrupt:

@@ -94,7 +94,9 @@ def _keys_file(document: dict[str, Any], base_dir: Path | None) -> Path | None:
     return path
 
 
-def _merge_keys(document: dict[str, Any], keys_file: Path, source: str) -> tuple[dict[str, Any], str]:
+def _merge_keys(
+    document: dict[str, Any], keys_file: Path, source: str
+) -> tuple[dict[str, Any], str]:
     """Append the keys file's ``api_keys`` to the policy's own."""
     try:
         keys_text = keys_file.read_text("utf-8")
@@ -103,7 +105,9 @@ def _merge_keys(document: dict[str, Any], keys_file: Path, source: str) -> tuple
         raise PolicyError(source, [f"identity.keys_file: cannot read {keys_file}: {exc}"]) from exc
     extra = loaded.get("api_keys") if isinstance(loaded, dict) else None
     if not isinstance(extra, list):
-        raise PolicyError(source, [f"identity.keys_file: {keys_file} must hold a list under 'api_keys'"])
+        raise PolicyError(
+            source, [f"identity.keys_file: {keys_file} must hold a list under 'api_keys'"]
+        )
     identity = dict(document["identity"])
     own = identity.get("api_keys") or []
     if not isinstance(own, list):

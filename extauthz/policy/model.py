@@ -10,12 +10,25 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from extauthz.core.risk import Action, RiskLevel
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+def _network(value: object) -> object:
+    """Parse a CIDR leniently (host bits allowed: 10.0.0.1/8 means 10.0.0.0/8)."""
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise ValueError(f"not an IP network (CIDR): {value!r}") from None
+
+
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 
 
 class _Frozen(BaseModel):
@@ -52,14 +65,17 @@ class JwtIdentity(_Frozen):
     payload_key: str = "jwt_payload"
     subject_claim: str = "sub"
     tier_claim: str = "tier"
-    default_tier: str = "free"
+    default_tier: str | None = Field(
+        default=None, description="tier when the claim is missing or unknown; None: the anonymous tier"
+    )
 
 
 class Identity(_Frozen):
     api_key_header: str = "x-api-key"
     api_keys: tuple[ApiKey, ...] = ()
     keys_file: str | None = Field(
-        default=None, description="YAML file with more api_keys (a k8s Secret); reloaded with the policy"
+        default=None,
+        description="YAML file with more api_keys (a k8s Secret); reloaded with the policy",
     )
     unknown_key: Literal["deny", "anonymous"] = "deny"
     jwt: JwtIdentity | None = JwtIdentity()
@@ -107,7 +123,7 @@ class Levels(_Frozen):
 class DenyList(_Frozen):
     clients: frozenset[str] = frozenset()
     key_sha256: frozenset[str] = frozenset()
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    networks: tuple[Network, ...] = ()
 
     @field_validator("key_sha256")
     @classmethod
@@ -165,16 +181,23 @@ class Policy(_Frozen):
             raise ValueError("must declare at least one tier")
         for name in value:
             if not _NAME.match(name):
-                raise ValueError(f"tier name {name!r}: must be 1-63 characters of a-z, 0-9, '_', '.', '-'")
+                raise ValueError(
+                    f"tier name {name!r}: must be 1-63 characters of a-z, 0-9, '_', '.', '-'"
+                )
         return value
 
     @model_validator(mode="after")
     def _references(self) -> Policy:
         tiers = self.tiers
         if self.identity.anonymous_tier not in tiers:
-            raise ValueError(f"identity.anonymous_tier: unknown tier {self.identity.anonymous_tier!r}")
-        if self.identity.jwt is not None and self.identity.jwt.default_tier not in tiers:
-            raise ValueError(f"identity.jwt.default_tier: unknown tier {self.identity.jwt.default_tier!r}")
+            raise ValueError(
+                f"identity.anonymous_tier: unknown tier {self.identity.anonymous_tier!r}"
+            )
+        jwt = self.identity.jwt
+        if jwt is not None and jwt.default_tier is not None and jwt.default_tier not in tiers:
+            raise ValueError(
+                f"identity.jwt.default_tier: unknown tier {self.identity.jwt.default_tier!r}"
+            )
         seen: set[str] = set()
         for index, key in enumerate(self.identity.api_keys):
             if key.tier not in tiers:

@@ -48,7 +48,12 @@ class PolicyHolder:
             snapshot = load_policy(self._path)
         except PolicyError as exc:
             metrics.POLICY_RELOAD_ERRORS.inc()
-            log.error("policy_reload_failed", source=exc.source, problems=exc.problems, kept=self.current.digest[:12])
+            log.error(
+                "policy_reload_failed",
+                source=exc.source,
+                problems=exc.problems,
+                kept=self.current.digest[:12],
+            )
             return False
         self._stamp = self._stamp_of(snapshot)
         if snapshot.digest == self.current.digest:

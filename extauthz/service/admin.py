@@ -50,33 +50,47 @@ def read_token(path: Path | None) -> str | None:
 class AdminService(admin_pb2_grpc.AdminServicer):
     """Operators' view of clients. The token file is read on each call, so rotation needs no restart."""
 
-    def __init__(self, core: DecisionCore, *, token_file: Path | None, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, core: DecisionCore, *, token_file: Path | None, clock: Callable[[], float]
+    ) -> None:
         self._core = core
         self._token_file = token_file
         self._clock = clock
 
-    async def GetClient(self, request: admin_pb2.GetClientRequest, context: grpc.aio.ServicerContext) -> admin_pb2.Client:  # noqa: N802
+    async def GetClient(
+        self, request: admin_pb2.GetClientRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Client:  # noqa: N802
         async def run() -> admin_pb2.Client:
             record = await self._core.store.get_client(_client_id(request.client_id))
             if record is None:
-                raise _Refused(grpc.StatusCode.NOT_FOUND, f"unknown client {request.client_id!r}", "not_found")
+                raise _Refused(
+                    grpc.StatusCode.NOT_FOUND, f"unknown client {request.client_id!r}", "not_found"
+                )
             return self._client(record)
 
         return await self._call("GetClient", context, run)
 
-    async def ListClients(self, request: admin_pb2.ListClientsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.ListClientsResponse:  # noqa: N802
+    async def ListClients(
+        self, request: admin_pb2.ListClientsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListClientsResponse:  # noqa: N802
         async def run() -> admin_pb2.ListClientsResponse:
             size = request.page_size or 100
             if not 1 <= size <= MAX_PAGE:
-                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"page_size must be 1..{MAX_PAGE}", "invalid")
-            records, cursor = await self._core.store.list_clients(limit=size, cursor=request.page_token)
+                raise _Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"page_size must be 1..{MAX_PAGE}", "invalid"
+                )
+            records, cursor = await self._core.store.list_clients(
+                limit=size, cursor=request.page_token
+            )
             return admin_pb2.ListClientsResponse(
                 clients=[self._client(r) for r in records], next_page_token=cursor
             )
 
         return await self._call("ListClients", context, run)
 
-    async def ResetClient(self, request: admin_pb2.ResetClientRequest, context: grpc.aio.ServicerContext) -> admin_pb2.ResetClientResponse:  # noqa: N802
+    async def ResetClient(
+        self, request: admin_pb2.ResetClientRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ResetClientResponse:  # noqa: N802
         async def run() -> admin_pb2.ResetClientResponse:
             existed = await self._core.store.reset_client(_client_id(request.client_id))
             log.info("admin_reset_client", client=request.client_id, existed=existed)
@@ -84,7 +98,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
         return await self._call("ResetClient", context, run)
 
-    async def SetClientLevel(self, request: admin_pb2.SetClientLevelRequest, context: grpc.aio.ServicerContext) -> admin_pb2.Client:  # noqa: N802
+    async def SetClientLevel(
+        self, request: admin_pb2.SetClientLevelRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Client:  # noqa: N802
         async def run() -> admin_pb2.Client:
             level: str | None = None
             if request.level:
@@ -93,7 +109,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 except ValueError as exc:
                     raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "invalid") from None
             if request.ttl_seconds < 0:
-                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "ttl_seconds must not be negative", "invalid")
+                raise _Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT, "ttl_seconds must not be negative", "invalid"
+                )
             record = await self._core.store.set_level(
                 _client_id(request.client_id),
                 level=level,
@@ -102,13 +120,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 now=self._clock(),
                 ttl_s=request.ttl_seconds or None,
             )
-            log.info("admin_set_level", client=request.client_id, level=level, blocked=request.blocked,
-                     reason=request.reason[:200])
+            log.info(
+                "admin_set_level",
+                client=request.client_id,
+                level=level,
+                blocked=request.blocked,
+                reason=request.reason[:200],
+            )
             return self._client(record)
 
         return await self._call("SetClientLevel", context, run)
 
-    async def _call(self, method: str, context: grpc.aio.ServicerContext, run: Callable[[], Awaitable[_T]]) -> _T:
+    async def _call(
+        self, method: str, context: grpc.aio.ServicerContext, run: Callable[[], Awaitable[_T]]
+    ) -> _T:
         try:
             self._authenticate(context)
             result = await run()
@@ -116,6 +141,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             metrics.ADMIN_CALLS.labels(method, exc.result).inc()
             await context.abort(exc.code, exc.message)
             raise  # abort raises; this keeps the type checker informed
+        except ValueError as exc:  # the store refuses a bad cursor or argument
+            metrics.ADMIN_CALLS.labels(method, "invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
         except StoreError as exc:
             metrics.ADMIN_CALLS.labels(method, "store_unavailable").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
@@ -126,15 +155,21 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
         expected = read_token(self._token_file)
         if expected is None:
-            raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
-                           "the admin API is disabled: start the guard with --admin-token-file", "disabled")
+            raise _Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "the admin API is disabled: start the guard with --admin-token-file",
+                "disabled",
+            )
         supplied = ""
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                supplied = value[len("Bearer "):].strip()
+                supplied = value[len("Bearer ") :].strip()
         if not supplied or not hmac.compare_digest(supplied.encode(), expected.encode()):
-            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong admin bearer token",
-                           "unauthenticated")
+            raise _Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong admin bearer token",
+                "unauthenticated",
+            )
 
     def _client(self, record: ClientRecord) -> admin_pb2.Client:
         snapshot = self._core.snapshot()
@@ -158,5 +193,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 def _client_id(text: str) -> str:
     text = text.strip()
     if not text or len(text) > 256:
-        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "client_id must be 1..256 characters", "invalid")
+        raise _Refused(
+            grpc.StatusCode.INVALID_ARGUMENT, "client_id must be 1..256 characters", "invalid"
+        )
     return text

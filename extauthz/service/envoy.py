@@ -58,7 +58,7 @@ def struct_value(struct: struct_pb2.Struct, key: str) -> str:
     value = struct.fields[key]
     kind = value.WhichOneof("kind")
     if kind == "string_value":
-        return value.string_value
+        return str(value.string_value)
     if kind == "number_value":
         return repr(value.number_value)
     if kind == "bool_value":
@@ -102,7 +102,9 @@ def upstream_headers(decision: Decision) -> list[tuple[str, str]]:
 # --- refusals ----------------------------------------------------------------------------------
 
 
-def refusal(decision: Decision, *, request_id: str = "") -> tuple[int, list[tuple[str, str]], bytes]:
+def refusal(
+    decision: Decision, *, request_id: str = ""
+) -> tuple[int, list[tuple[str, str]], bytes]:
     """Return (status, headers, JSON body) for a decision that refuses the request."""
     message = _MESSAGES.get(decision.error) or _DENY_MESSAGES.get(decision.action, "refused")
     document: dict[str, Any] = {
@@ -135,7 +137,9 @@ def error_body(code: str, message: str, *, request_id: str = "") -> bytes:
 def _header_options(pairs: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValueOption]:
     overwrite = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
     return [
-        base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v), append_action=overwrite)
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=k, value=v), append_action=overwrite
+        )
         for k, v in pairs
     ]
 
@@ -149,13 +153,17 @@ def check_ok(decision: Decision) -> auth_pb2.CheckResponse:
     )
 
 
-def check_denied(status: int, headers: list[tuple[str, str]], body: bytes,
-                 metadata: struct_pb2.Struct | None = None) -> auth_pb2.CheckResponse:
+def check_denied(
+    status: int,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    metadata: struct_pb2.Struct | None = None,
+) -> auth_pb2.CheckResponse:
     code = code_pb2.UNAVAILABLE if status >= 500 else code_pb2.PERMISSION_DENIED
     return auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code),
         denied_response=auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=status),
             headers=_header_options(headers),
             body=body.decode("utf-8"),
         ),
@@ -173,7 +181,8 @@ def header_mutation(
     return proc_pb2.HeaderMutation(
         set_headers=[
             base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=k, raw_value=v.encode("utf-8")), append_action=overwrite
+                header=base_pb2.HeaderValue(key=k, raw_value=v.encode("utf-8")),
+                append_action=overwrite,
             )
             for k, v in set_headers
         ],
@@ -182,13 +191,17 @@ def header_mutation(
 
 
 def immediate(
-    status: int, headers: Iterable[tuple[str, str]], body: bytes, *, details: str = "",
+    status: int,
+    headers: Iterable[tuple[str, str]],
+    body: bytes,
+    *,
+    details: str = "",
     metadata: Mapping[str, struct_pb2.Struct] | None = None,
 ) -> proc_pb2.ProcessingResponse:
     """An ImmediateResponse: Envoy answers the client with it and ends the stream."""
     response = proc_pb2.ProcessingResponse(
         immediate_response=proc_pb2.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=status),
             headers=header_mutation(headers),
             body=body,
             details=details,
@@ -199,7 +212,9 @@ def immediate(
     return response
 
 
-def _put_metadata(response: proc_pb2.ProcessingResponse, metadata: Mapping[str, struct_pb2.Struct]) -> None:
+def _put_metadata(
+    response: proc_pb2.ProcessingResponse, metadata: Mapping[str, struct_pb2.Struct]
+) -> None:
     for namespace, struct in metadata.items():
         response.dynamic_metadata.fields[namespace].struct_value.CopyFrom(struct)
 

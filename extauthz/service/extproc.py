@@ -107,7 +107,9 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         finally:
             metrics.STREAMS.labels(outcome).inc()
 
-    async def _handle(self, message: proc_pb2.ProcessingRequest, state: _StreamState) -> proc_pb2.ProcessingResponse | None:
+    async def _handle(
+        self, message: proc_pb2.ProcessingRequest, state: _StreamState
+    ) -> proc_pb2.ProcessingResponse | None:
         phase = message.WhichOneof("request")
         if phase is None:
             metrics.ERRORS.labels("empty_message").inc()
@@ -128,16 +130,23 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             log.exception("ext_proc_failed", phase=phase, request_id=state.request_id)
             if phase.startswith("request") and state.route is not None:
                 state.done = True
-                body = envoy.error_body("internal_error", "the guard failed to process this request",
-                                        request_id=state.request_id)
+                body = envoy.error_body(
+                    "internal_error",
+                    "the guard failed to process this request",
+                    request_id=state.request_id,
+                )
                 return envoy.immediate(500, _JSON_HEADERS, body, details="extauthz_internal_error")
             return envoy.continue_response(phase)
         finally:
-            metrics.DECISION_SECONDS.labels(f"ext_proc_{phase}").observe(time.perf_counter() - started)
+            metrics.DECISION_SECONDS.labels(f"ext_proc_{phase}").observe(
+                time.perf_counter() - started
+            )
 
     # --- request_headers ------------------------------------------------------------------------
 
-    async def _request_headers(self, message: proc_pb2.ProcessingRequest, state: _StreamState) -> proc_pb2.ProcessingResponse:
+    async def _request_headers(
+        self, message: proc_pb2.ProcessingRequest, state: _StreamState
+    ) -> proc_pb2.ProcessingResponse:
         if state.seen_request_headers:
             metrics.ERRORS.labels("out_of_order").inc()
             return envoy.continue_response("request_headers")
@@ -153,7 +162,9 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             state.done = True
             return envoy.continue_response("request_headers", mode_override=_SKIP_REST)
         state.route = route
-        state.dialect = get_dialect(route.dialect) if route.dialect != "auto" else detect_dialect(path)
+        state.dialect = (
+            get_dialect(route.dialect) if route.dialect != "auto" else detect_dialect(path)
+        )
         info = RequestInfo(
             headers=headers,
             source_address=_attribute(message, "source.address"),
@@ -170,7 +181,9 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             identity = identify(info, snapshot)
             if identity.client_id != check.identity.client_id:
                 metrics.ERRORS.labels("identity_mismatch").inc()
-            decision = Decision(check.action, identity, check.level, check.reasons, enforced=check.enforced)
+            decision = Decision(
+                check.action, identity, check.level, check.reasons, enforced=check.enforced
+            )
         state.identity = decision.identity
         state.level = decision.level
         metrics.DECISIONS.labels("ext_proc", decision.action.value, decision.identity.tier).inc()
@@ -178,8 +191,13 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         if not decision.allowed:
             state.done = True
             status, refusal_headers, body = envoy.refusal(decision, request_id=state.request_id)
-            return envoy.immediate(status, refusal_headers, body, details=f"extauthz_{decision.error}",
-                                   metadata=metadata)
+            return envoy.immediate(
+                status,
+                refusal_headers,
+                body,
+                details=f"extauthz_{decision.error}",
+                metadata=metadata,
+            )
         mutation = envoy.header_mutation(
             envoy.upstream_headers(decision),
             # Ask the model for an identity-encoded answer so the guard can rewrite it.
@@ -189,8 +207,15 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
 
     # --- request_body ---------------------------------------------------------------------------
 
-    async def _request_body(self, body: proc_pb2.HttpBody, state: _StreamState) -> proc_pb2.ProcessingResponse:
-        if state.route is None or state.identity is None or state.snapshot is None or state.instances:
+    async def _request_body(
+        self, body: proc_pb2.HttpBody, state: _StreamState
+    ) -> proc_pb2.ProcessingResponse:
+        if (
+            state.route is None
+            or state.identity is None
+            or state.snapshot is None
+            or state.instances
+        ):
             if state.instances:
                 metrics.ERRORS.labels("out_of_order").inc()
             return envoy.continue_response("request_body")
@@ -199,7 +224,9 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         try:
             raw = self._decode(body.body, encoding=state.request_encoding)
             if state.dialect is None:
-                raise BodyError("unsupported_media", "this route's model API could not be recognised", 415)
+                raise BodyError(
+                    "unsupported_media", "this route's model API could not be recognised", 415
+                )
             parsed = state.dialect.parse_request(raw, max_instances=tier.max_instances)
             instances = parsed.instances
         except (BodyError, DialectError) as exc:
@@ -213,24 +240,37 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         metrics.INSTANCES.labels(state.identity.tier).inc(instances)
         record = await self._core.charge(state.identity, requests=0, instances=instances)
         if record is None and policy.fail_modes.store == "deny":
-            return self._refuse_body(state, "store_unavailable", "the service cannot decide right now", 503)
+            return self._refuse_body(
+                state, "store_unavailable", "the service cannot decide right now", 503
+            )
         return envoy.continue_response("request_body")
 
-    def _refuse_body(self, state: _StreamState, code: str, message: str, status: int) -> proc_pb2.ProcessingResponse:
+    def _refuse_body(
+        self, state: _StreamState, code: str, message: str, status: int
+    ) -> proc_pb2.ProcessingResponse:
         state.done = True
-        log.info("request_body_refused", reason=code, status=status, request_id=state.request_id,
-                 client=state.identity.client_id if state.identity else "")
+        log.info(
+            "request_body_refused",
+            reason=code,
+            status=status,
+            request_id=state.request_id,
+            client=state.identity.client_id if state.identity else "",
+        )
         body = envoy.error_body(code, message, request_id=state.request_id)
         return envoy.immediate(status, _JSON_HEADERS, body, details=f"extauthz_{code}")
 
     def _decode(self, data: bytes, *, encoding: str) -> bytes:
         if len(data) > self._max_body_bytes:
-            raise BodyError("body_too_large", f"bodies are limited to {self._max_body_bytes} bytes", 413)
+            raise BodyError(
+                "body_too_large", f"bodies are limited to {self._max_body_bytes} bytes", 413
+            )
         return decode_body(data, encoding, limit=self._max_body_bytes)
 
     # --- response -------------------------------------------------------------------------------
 
-    def _response_headers(self, message: proc_pb2.HttpHeaders, state: _StreamState) -> proc_pb2.ProcessingResponse:
+    def _response_headers(
+        self, message: proc_pb2.HttpHeaders, state: _StreamState
+    ) -> proc_pb2.ProcessingResponse:
         if state.route is None or state.identity is None or state.snapshot is None:
             return envoy.continue_response("response_headers", mode_override=_SKIP_RESPONSE_BODY)
         headers = envoy.header_map_to_dict(message.headers)
@@ -247,8 +287,15 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             return envoy.continue_response("response_headers", mode_override=_SKIP_RESPONSE_BODY)
         return envoy.continue_response("response_headers")
 
-    def _response_body(self, body: proc_pb2.HttpBody, state: _StreamState) -> proc_pb2.ProcessingResponse:
-        if not state.rewrite or state.dialect is None or state.identity is None or state.snapshot is None:
+    def _response_body(
+        self, body: proc_pb2.HttpBody, state: _StreamState
+    ) -> proc_pb2.ProcessingResponse:
+        if (
+            not state.rewrite
+            or state.dialect is None
+            or state.identity is None
+            or state.snapshot is None
+        ):
             return envoy.continue_response("response_body")
         state.rewrite = False  # one buffered body per stream; a duplicate passes through
         output = state.snapshot.policy.tier(state.identity.tier).output
@@ -277,7 +324,9 @@ def decode_body(data: bytes, encoding: str, *, limit: int) -> bytes:
     if encoding in ("", "identity"):
         return data
     if encoding not in ("gzip", "x-gzip", "deflate"):
-        raise BodyError("unsupported_encoding", f"content-encoding {encoding!r} is not supported", 415)
+        raise BodyError(
+            "unsupported_encoding", f"content-encoding {encoding!r} is not supported", 415
+        )
     wbits = 31 if "gzip" in encoding else 15
     try:
         decoder = zlib.decompressobj(wbits)
@@ -288,7 +337,9 @@ def decode_body(data: bytes, encoding: str, *, limit: int) -> bytes:
                 decoder = zlib.decompressobj(-15)
                 out = decoder.decompress(data, limit + 1)
             except zlib.error as exc:
-                raise BodyError("body_decode_error", f"cannot decode {encoding} body: {exc}", 400) from exc
+                raise BodyError(
+                    "body_decode_error", f"cannot decode {encoding} body: {exc}", 400
+                ) from exc
         else:
             raise BodyError("body_decode_error", f"cannot decode {encoding} body", 400) from None
     if len(out) > limit or decoder.unconsumed_tail:
@@ -305,7 +356,9 @@ def _attribute(message: proc_pb2.ProcessingRequest, name: str) -> str:
     return envoy.struct_value(attributes, name)
 
 
-def _jwt_payload(message: proc_pb2.ProcessingRequest, snapshot: Snapshot) -> dict[str, object] | None:
+def _jwt_payload(
+    message: proc_pb2.ProcessingRequest, snapshot: Snapshot
+) -> dict[str, object] | None:
     jwt = snapshot.policy.identity.jwt
     if jwt is None or jwt.namespace not in message.metadata_context.filter_metadata:
         return None

@@ -30,7 +30,9 @@ class Readiness:
         return self.ready and not self.draining
 
 
-def build_http_app(readiness: Readiness, store_ping: Callable[[], Awaitable[bool]]) -> web.Application:
+def build_http_app(
+    readiness: Readiness, store_ping: Callable[[], Awaitable[bool]]
+) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -46,7 +48,9 @@ def build_http_app(readiness: Readiness, store_ping: Callable[[], Awaitable[bool
         return web.json_response({"status": "ready", "store": store})
 
     async def metrics_view(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(metrics.REGISTRY), headers={"content-type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(metrics.REGISTRY), headers={"content-type": CONTENT_TYPE_LATEST}
+        )
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

@@ -9,7 +9,9 @@ from typing import Any
 
 import structlog
 
-REDACTED_KEYS = frozenset({"authorization", "cookie", "x-api-key", "api_key", "token", "password", "key"})
+REDACTED_KEYS = frozenset(
+    {"authorization", "cookie", "x-api-key", "api_key", "token", "password", "key"}
+)
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -19,7 +21,8 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
             event[name] = "[redacted]"
         elif isinstance(event[name], dict):
             event[name] = {
-                k: ("[redacted]" if str(k).lower() in REDACTED_KEYS else v) for k, v in event[name].items()
+                k: ("[redacted]" if str(k).lower() in REDACTED_KEYS else v)
+                for k, v in event[name].items()
             }
     return event
 
@@ -29,7 +32,9 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"log level {level!r} is not one of debug, info, warning, error")
-    renderer: Any = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -43,4 +48,8 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=max(numeric, logging.WARNING),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s %(message)s",
+    )

@@ -56,13 +56,21 @@ class TestUpstreamHeaders:
 
     def test_api_key_client_gets_opaque_id_and_key_tier(self, e2e: E2E) -> None:
         with Client(e2e.port, source="127.0.0.2") as http:
-            headers = http.request("GET", "/debug/headers", headers={"x-api-key": FREE_KEY}).json()["headers"]
+            headers = http.request("GET", "/debug/headers", headers={"x-api-key": FREE_KEY}).json()[
+                "headers"
+            ]
         assert headers["x-extauthz-client"] == "key:freebie"
         assert headers["x-extauthz-tier"] == "free"
-        assert FREE_KEY not in json.dumps({k: v for k, v in headers.items() if k.startswith("x-extauthz")})
+        assert FREE_KEY not in json.dumps(
+            {k: v for k, v in headers.items() if k.startswith("x-extauthz")}
+        )
 
     def test_forged_tier_never_reaches_the_upstream(self, e2e: E2E) -> None:
-        forged = {"x-extauthz-tier": "trusted", "x-extauthz-client": "key:bigco", "x-extauthz-risk": "normal"}
+        forged = {
+            "x-extauthz-tier": "trusted",
+            "x-extauthz-client": "key:bigco",
+            "x-extauthz-risk": "normal",
+        }
         with Client(e2e.port, source="127.0.0.11") as http:
             headers = http.request("GET", "/debug/headers", headers=forged).json()["headers"]
             reply = http.post(KSERVE, {"instances": _rows(1)}, headers=forged)
@@ -85,7 +93,8 @@ class TestIdentity:
 
         def lines_for(source: str) -> list[dict[str, Any]]:
             return [
-                line for line in e2e.access_log()
+                line
+                for line in e2e.access_log()
                 if line.get("downstream_remote_address", "").startswith(source + ":")
                 and line.get("path", "").startswith("/v1/models/")
             ]
@@ -98,7 +107,9 @@ class TestIdentity:
 
     def test_spoofed_x_forwarded_for_does_not_change_identity(self, e2e: E2E) -> None:
         with Client(e2e.port, source="127.0.0.12") as http:
-            headers = http.request("GET", "/debug/headers", headers={"x-forwarded-for": "203.0.113.9"}).json()["headers"]
+            headers = http.request(
+                "GET", "/debug/headers", headers={"x-forwarded-for": "203.0.113.9"}
+            ).json()["headers"]
         assert headers["x-extauthz-client"] == "ip:127.0.0.12"
 
 
@@ -127,7 +138,9 @@ class TestRefusals:
 
     def test_malformed_body_gets_400_and_the_next_request_works(self, e2e: E2E) -> None:
         with Client(e2e.port, source="127.0.0.14") as http:
-            bad = http.post(KSERVE, b'{"instances": [[1, 2,', headers={"content-type": "application/json"})
+            bad = http.post(
+                KSERVE, b'{"instances": [[1, 2,', headers={"content-type": "application/json"}
+            )
         with Client(e2e.port, source="127.0.0.14") as http:
             good = http.post(KSERVE, {"instances": _rows(1)})
         assert bad.status == 400
@@ -139,10 +152,16 @@ class TestAdmin:
     """The admin API refuses calls without its credential; with it, a pin takes effect at once."""
 
     def test_admin_without_credential_is_refused(self, e2e: E2E) -> None:
-        with AdminClient(e2e.local.admin_target, None) as admin, pytest.raises(grpc.RpcError) as info:
+        with (
+            AdminClient(e2e.local.admin_target, None) as admin,
+            pytest.raises(grpc.RpcError) as info,
+        ):
             admin.list_clients()
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        with AdminClient(e2e.local.admin_target, "wrong-token") as admin, pytest.raises(grpc.RpcError) as info:
+        with (
+            AdminClient(e2e.local.admin_target, "wrong-token") as admin,
+            pytest.raises(grpc.RpcError) as info,
+        ):
             admin.set_level("ip:127.0.0.15", "abusive")
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
@@ -176,7 +195,9 @@ class TestBodies:
         body = json.dumps({"instances": rows}).encode()
         assert len(body) > 2_000_000
         with Client(e2e.port, source="127.0.0.2") as http:
-            reply = http.post(KSERVE, body, headers={"content-type": "application/json", "x-api-key": TRUSTED_KEY})
+            reply = http.post(
+                KSERVE, body, headers={"content-type": "application/json", "x-api-key": TRUSTED_KEY}
+            )
         assert reply.status == 200, reply.body[:300]
         assert len(reply.json()["predictions"]) == 3500
         with AdminClient(e2e.local.admin_target, e2e.local.admin_token) as admin:
@@ -186,8 +207,10 @@ class TestBodies:
         with Client(e2e.port, source="127.0.0.17") as http:
             first = http.post(KSERVE, {"instances": _rows(4)})
             sock = http._connection.sock
-            second = http.post(OIP, {"inputs": [{"name": "x", "shape": [2, 64], "datatype": "FP64",
-                                                 "data": _rows(2)}]})
+            second = http.post(
+                OIP,
+                {"inputs": [{"name": "x", "shape": [2, 64], "datatype": "FP64", "data": _rows(2)}]},
+            )
             assert http._connection.sock is sock  # the same connection served both
         for reply in (first, second):
             assert reply.status == 200
@@ -205,7 +228,11 @@ class TestBodies:
     def test_gzip_request_body_is_counted(self, e2e: E2E) -> None:
         body = gzip.compress(json.dumps({"instances": _rows(5)}).encode())
         with Client(e2e.port, source="127.0.0.18") as http:
-            reply = http.post(KSERVE, body, headers={"content-type": "application/json", "content-encoding": "gzip"})
+            reply = http.post(
+                KSERVE,
+                body,
+                headers={"content-type": "application/json", "content-encoding": "gzip"},
+            )
         # The demo model does not read gzip bodies, so the answer is its 400; the guard counted first.
         assert reply.status in (200, 400)
         with AdminClient(e2e.local.admin_target, e2e.local.admin_token) as admin:
@@ -218,21 +245,37 @@ class TestResilience:
     def test_out_of_order_and_malformed_streams(self, e2e: E2E) -> None:
         def headers(path: str) -> proc_pb2.ProcessingRequest:
             return proc_pb2.ProcessingRequest(
-                request_headers=proc_pb2.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
-                    base_pb2.HeaderValue(key=":path", raw_value=path.encode()),
-                    base_pb2.HeaderValue(key=":method", raw_value=b"POST"),
-                    base_pb2.HeaderValue(key="x-bad", raw_value=b"\xff\xfe"),
-                ]))
+                request_headers=proc_pb2.HttpHeaders(
+                    headers=base_pb2.HeaderMap(
+                        headers=[
+                            base_pb2.HeaderValue(key=":path", raw_value=path.encode()),
+                            base_pb2.HeaderValue(key=":method", raw_value=b"POST"),
+                            base_pb2.HeaderValue(key="x-bad", raw_value=b"\xff\xfe"),
+                        ]
+                    )
+                )
             )
 
         streams = [
-            [proc_pb2.ProcessingRequest(response_body=proc_pb2.HttpBody(body=b"{}", end_of_stream=True)),
-             headers(KSERVE), headers(KSERVE),
-             proc_pb2.ProcessingRequest(request_body=proc_pb2.HttpBody(body=b"\x00garbage", end_of_stream=True))],
-            [proc_pb2.ProcessingRequest(), proc_pb2.ProcessingRequest(response_trailers=proc_pb2.HttpTrailers())],
+            [
+                proc_pb2.ProcessingRequest(
+                    response_body=proc_pb2.HttpBody(body=b"{}", end_of_stream=True)
+                ),
+                headers(KSERVE),
+                headers(KSERVE),
+                proc_pb2.ProcessingRequest(
+                    request_body=proc_pb2.HttpBody(body=b"\x00garbage", end_of_stream=True)
+                ),
+            ],
+            [
+                proc_pb2.ProcessingRequest(),
+                proc_pb2.ProcessingRequest(response_trailers=proc_pb2.HttpTrailers()),
+            ],
         ]
 
-        async def run(messages: list[proc_pb2.ProcessingRequest]) -> list[proc_pb2.ProcessingResponse]:
+        async def run(
+            messages: list[proc_pb2.ProcessingRequest],
+        ) -> list[proc_pb2.ProcessingResponse]:
             async with grpc.aio.insecure_channel(e2e.local.admin_target) as channel:
                 call = proc_grpc.ExternalProcessorStub(channel).Process(iter(messages), timeout=5)
                 return [response async for response in call]
@@ -250,7 +293,9 @@ class TestPolicyReload:
     def test_valid_edit_applies_and_invalid_edit_is_kept_out(self, e2e: E2E) -> None:
         def probe() -> int:
             with Client(e2e.port, source="127.0.0.19") as http:
-                return _max_decimals(http.post(KSERVE, {"instances": _rows(3)}).json()["predictions"][0])
+                return _max_decimals(
+                    http.post(KSERVE, {"instances": _rows(3)}).json()["predictions"][0]
+                )
 
         try:
             assert probe() <= 2
@@ -264,7 +309,11 @@ class TestPolicyReload:
             metrics_url = f"http://127.0.0.1:{e2e.local.guard_http_port}/metrics"
             with urllib.request.urlopen(metrics_url, timeout=5) as response:
                 text = response.read().decode()
-            errors = [line for line in text.splitlines() if line.startswith("extauthz_policy_reload_errors_total")]
+            errors = [
+                line
+                for line in text.splitlines()
+                if line.startswith("extauthz_policy_reload_errors_total")
+            ]
             assert errors and float(errors[0].split()[-1]) >= 1
         finally:
             reloads = e2e.guard_log().count("policy_reloaded")

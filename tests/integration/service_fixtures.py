@@ -315,24 +315,65 @@ class ProcStream:
         return code
 
 
-async def process_all(
+def ends_stream(response: proc_pb2.ProcessingResponse) -> bool:
+    """Tell whether Envoy sends nothing more after ``response``: a refusal, or a skip of every later phase."""
+    mode = response.mode_override
+    return response.HasField("immediate_response") or (
+        response.HasField("mode_override")
+        and mode.request_body_mode == mode.NONE
+        and mode.response_header_mode == mode.SKIP
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """What one ext_proc stream gave back: the answers, the call's status, how many messages went out."""
+
+    responses: list[proc_pb2.ProcessingResponse]
+    code: grpc.StatusCode
+    sent: int
+
+
+async def exchange(
     stub: proc_grpc.ExternalProcessorStub, messages: list[proc_pb2.ProcessingRequest], *, timeout_s: float = 20.0
-) -> tuple[list[proc_pb2.ProcessingResponse], grpc.StatusCode]:
-    """Send ``messages`` on one stream, read every answer, and return them with the status code."""
+) -> Exchange:
+    """Play ``messages`` on one stream in lock step, as Envoy does in BUFFERED mode.
+
+    Each message with a phase waits for its answer (an empty message gets none); sending stops
+    once an answer ends the stream (``ends_stream``) or the server closes it. Writing after the
+    server closed would hit grpc/grpc#36066 (the Python aio client reports INTERNAL for a write
+    racing the server's OK), which no C++ client such as Envoy sees.
+    """
+    queue: asyncio.Queue[proc_pb2.ProcessingRequest | None] = asyncio.Queue()
 
     async def requests() -> AsyncIterator[proc_pb2.ProcessingRequest]:
-        for message in messages:
+        while (message := await queue.get()) is not None:
             yield message
 
     call = stub.Process(requests(), timeout=timeout_s)
     responses: list[proc_pb2.ProcessingResponse] = []
+    sent = 0
     try:
-        async for response in call:
+        for message in messages:
+            await queue.put(message)
+            sent += 1
+            if message.WhichOneof("request") is None:
+                continue
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                break
+            assert isinstance(response, proc_pb2.ProcessingResponse)
             responses.append(response)
+            if ends_stream(response):
+                break
+        await queue.put(None)
+        while (extra := await call.read()) is not grpc.aio.EOF:
+            assert isinstance(extra, proc_pb2.ProcessingResponse)
+            responses.append(extra)
+        code: grpc.StatusCode = await call.code()
     except grpc.aio.AioRpcError as exc:
-        return responses, exc.code()
-    code: grpc.StatusCode = await call.code()
-    return responses, code
+        return Exchange(responses, exc.code(), sent)
+    return Exchange(responses, code, sent)
 
 
 def kserve_body(instances: int, width: int = 3) -> bytes:
