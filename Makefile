@@ -23,8 +23,10 @@ wrk:
 demo: $(STAMP)
 	$(BIN)/python -m extauthz demo $(if $(KEEP),--keep)
 
+# The suite, then the lint that keeps the package strictly typed (ruff + mypy strict).
 test: $(STAMP) redis
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(MAKE) --no-print-directory lint
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
@@ -46,6 +48,7 @@ proto-check: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check extauthz tests scripts
+	$(BIN)/ruff format --check extauthz tests scripts
 	$(BIN)/mypy extauthz
 
 clean:

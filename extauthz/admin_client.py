@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,8 +14,25 @@ from extauthz._proto.v1 import admin_pb2, admin_pb2_grpc
 class AdminClient:
     """Call ``extauthz.v1.Admin`` at ``target`` with a bearer ``token`` (None sends none)."""
 
-    def __init__(self, target: str, token: str | None, *, timeout_s: float = 5.0) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str,
+        token: str | None,
+        *,
+        timeout_s: float = 5.0,
+        tls: tuple[Path, Path | None, Path | None] | None = None,
+    ) -> None:
+        """``tls`` is (CA, client certificate, client key); certificate and key only for mTLS."""
+        if tls is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            ca, cert, key = tls
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=ca.read_bytes(),
+                private_key=key.read_bytes() if key else None,
+                certificate_chain=cert.read_bytes() if cert else None,
+            )
+            self._channel = grpc.secure_channel(target, credentials)
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout_s

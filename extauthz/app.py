@@ -59,6 +59,20 @@ def create_store(settings: Settings, clock: Callable[[], float]) -> Store:
     raise ValueError(f"store_url: expected 'memory' or a redis:// URL, got {settings.store_url!r}")
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC port when a certificate is set; mTLS (client certificates required) with a CA.
+
+    The port is shared, so with mTLS Envoy's ``extauthz`` cluster must present a client certificate too.
+    """
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+    ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
 @dataclass
 class Guard:
     """A running guard: both servers, the policy watcher and what they share."""
@@ -124,7 +138,12 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
         ),
         server,
     )
-    grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    address = f"{settings.host}:{settings.grpc_port}"
+    credentials = server_credentials(settings)
+    if credentials is None:
+        grpc_port = server.add_insecure_port(address)
+    else:
+        grpc_port = server.add_secure_port(address, credentials)
     if grpc_port == 0:
         raise OSError(f"cannot bind the gRPC port {settings.host}:{settings.grpc_port}")
 

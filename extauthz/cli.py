@@ -30,6 +30,9 @@ def _serve(args: argparse.Namespace) -> int:
                 "decision_budget_ms": args.budget_ms,
                 "max_message_bytes": args.max_message_bytes,
                 "admin_token_file": args.admin_token_file,
+                "tls_cert_file": args.tls_cert,
+                "tls_key_file": args.tls_key,
+                "tls_client_ca_file": args.tls_client_ca,
                 "drain_s": args.drain_s,
                 "reload_interval_s": args.reload_interval_s,
                 "log_level": args.log_level,
@@ -83,7 +86,14 @@ def _admin(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    with AdminClient(args.target, token, timeout_s=args.timeout) as admin:
+    tls = None
+    if args.ca_file:
+        tls = (
+            Path(args.ca_file),
+            Path(args.cert_file) if args.cert_file else None,
+            Path(args.key_file) if args.key_file else None,
+        )
+    with AdminClient(args.target, token, timeout_s=args.timeout, tls=tls) as admin:
         try:
             reply: dict[str, Any]
             if args.admin_command == "get-client":
@@ -130,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-token-file", type=Path, help="file with the admin API's bearer token"
     )
     serve.add_argument(
+        "--tls-cert", type=Path, help="serve gRPC over TLS with this certificate (PEM)"
+    )
+    serve.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    serve.add_argument(
+        "--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)"
+    )
+    serve.add_argument(
         "--drain-s", type=float, help="seconds NOT_SERVING before stopping (default 5)"
     )
     serve.add_argument(
@@ -149,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file", help="admin bearer token file (or EXTAUTHZ_ADMIN_TOKEN_FILE)"
     )
     admin.add_argument("--timeout", type=float, default=5.0)
+    admin.add_argument("--ca-file", help="connect over TLS, trusting this CA (PEM)")
+    admin.add_argument("--cert-file", help="client certificate for mTLS (PEM)")
+    admin.add_argument("--key-file", help="client key for mTLS (PEM)")
     admin_commands = admin.add_subparsers(dest="admin_command", required=True)
     get_client = admin_commands.add_parser("get-client", help="show one client")
     get_client.add_argument("client_id")

@@ -27,6 +27,9 @@ class Settings:
     decision_budget_ms: float = 50.0
     max_message_bytes: int = 8 * MIB
     admin_token_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
     reload_interval_s: float = 2.0
     drain_s: float = 5.0
     log_level: str = "info"
@@ -64,8 +67,14 @@ class Settings:
             raise ValueError("memory_max_clients and client_ttl_s must be positive")
         if self.policy_path is not None and not self.policy_path.is_file():
             raise ValueError(f"policy_path: no such file: {self.policy_path}")
-        if self.admin_token_file is not None and not self.admin_token_file.is_file():
-            raise ValueError(f"admin_token_file: no such file: {self.admin_token_file}")
+        for name in ("admin_token_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file: give both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file: mTLS needs tls_cert_file and tls_key_file too")
 
 
 def from_env(overrides: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Settings:

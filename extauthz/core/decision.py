@@ -75,11 +75,10 @@ class DecisionCore:
         snapshot = snapshot or self._policy()
         policy = snapshot.policy
         identity = identify(request, snapshot)
-        enforced = policy.mode == "enforce"
         if identity.error:
             # A key the policy does not know: no challenge can fix it, so refuse with 401.
-            return self._verdict(
-                Action.BLOCK, identity, RiskLevel.NORMAL, (identity.error,), enforced, status=401
+            return self.verdict(
+                Action.BLOCK, identity, RiskLevel.NORMAL, (identity.error,), snapshot, status=401
             )
         deny = policy.deny
         if (
@@ -87,29 +86,19 @@ class DecisionCore:
             or (identity.key_sha256 and identity.key_sha256 in deny.key_sha256)
             or in_networks(identity.address, deny.networks)
         ):
-            return self._verdict(
-                Action.BLOCK, identity, RiskLevel.ABUSIVE, ("deny_list",), enforced
-            )
-        record = await self.charge(identity, requests=1, instances=0, snapshot=snapshot)
+            return self.verdict(Action.BLOCK, identity, RiskLevel.ABUSIVE, ("deny_list",), snapshot)
+        record = await self.charge(identity, requests=1, instances=0)
         if record is None:
+            reasons = ("store_unavailable",)
             if policy.fail_modes.store == "deny":
-                return self._verdict(
-                    Action.BLOCK,
-                    identity,
-                    RiskLevel.NORMAL,
-                    ("store_unavailable",),
-                    enforced,
-                    status=503,
+                return self.verdict(
+                    Action.BLOCK, identity, RiskLevel.NORMAL, reasons, snapshot, status=503
                 )
-            return self._verdict(
-                Action.ALLOW, identity, RiskLevel.NORMAL, ("store_unavailable",), enforced
-            )
+            return self.verdict(Action.ALLOW, identity, RiskLevel.NORMAL, reasons, snapshot)
         return self.judge(identity, record, snapshot)
 
     def judge(self, identity: Identity, record: ClientRecord, snapshot: Snapshot) -> Decision:
         """Turn a client's record into a verdict (no I/O)."""
-        policy = snapshot.policy
-        enforced = policy.mode == "enforce"
         level = RiskLevel.NORMAL
         reasons: list[str] = []
         if record.pinned_level:
@@ -121,15 +110,37 @@ class DecisionCore:
                     "bad_pinned_level", client=identity.client_id, level=record.pinned_level
                 )
         if record.blocked:
-            return self._verdict(
-                Action.BLOCK, identity, RiskLevel.ABUSIVE, ("operator_block", *reasons), enforced
+            return self.verdict(
+                Action.BLOCK, identity, RiskLevel.ABUSIVE, ("operator_block", *reasons), snapshot
             )
-        action = policy.levels.action_for(level)
+        action = snapshot.policy.levels.action_for(level)
+        return self.verdict(action, identity, level, tuple(reasons), snapshot)
+
+    def verdict(
+        self,
+        action: Action,
+        identity: Identity,
+        level: RiskLevel,
+        reasons: tuple[str, ...],
+        snapshot: Snapshot,
+        *,
+        status: int | None = None,
+    ) -> Decision:
+        """Build a decision with the status, ``Retry-After`` and enforcement the policy gives it."""
+        policy = snapshot.policy
         retry = policy.retry_after_s if action is Action.THROTTLE else 0
-        return self._verdict(action, identity, level, tuple(reasons), enforced, retry_after_s=retry)
+        return Decision(
+            action,
+            identity,
+            level,
+            reasons,
+            status or _STATUS[action],
+            retry,
+            policy.mode == "enforce",
+        )
 
     async def charge(
-        self, identity: Identity, *, requests: int, instances: int, snapshot: Snapshot | None = None
+        self, identity: Identity, *, requests: int, instances: int
     ) -> ClientRecord | None:
         """Add to the client's counters within the decision budget; ``None`` when the store failed."""
         try:
@@ -145,18 +156,3 @@ class DecisionCore:
             metrics.ERRORS.labels("store_unavailable").inc()
             log.warning("store_unavailable", error=type(exc).__name__, detail=str(exc)[:200])
             return None
-
-    def _verdict(
-        self,
-        action: Action,
-        identity: Identity,
-        level: RiskLevel,
-        reasons: tuple[str, ...],
-        enforced: bool,
-        *,
-        status: int | None = None,
-        retry_after_s: int = 0,
-    ) -> Decision:
-        return Decision(
-            action, identity, level, reasons, status or _STATUS[action], retry_after_s, enforced
-        )

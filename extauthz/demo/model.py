@@ -312,7 +312,10 @@ async def _log_callers(request: web.Request, handler: Handler) -> web.StreamResp
         path=request.path,
         status=response.status,
         request_id=request.headers.get("x-request-id", ""),
-        **{name.removeprefix("x-extauthz-"): request.headers.get(name, "") for name in GUARD_HEADERS},
+        **{
+            name.removeprefix("x-extauthz-"): request.headers.get(name, "")
+            for name in GUARD_HEADERS
+        },
     )
     return response
 

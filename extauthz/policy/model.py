@@ -66,7 +66,8 @@ class JwtIdentity(_Frozen):
     subject_claim: str = "sub"
     tier_claim: str = "tier"
     default_tier: str | None = Field(
-        default=None, description="tier when the claim is missing or unknown; None: the anonymous tier"
+        default=None,
+        description="tier when the claim is missing or unknown; None: the anonymous tier",
     )
 
 
@@ -195,9 +196,7 @@ class Policy(_Frozen):
             )
         jwt = self.identity.jwt
         if jwt is not None and jwt.default_tier is not None and jwt.default_tier not in tiers:
-            raise ValueError(
-                f"identity.jwt.default_tier: unknown tier {self.identity.jwt.default_tier!r}"
-            )
+            raise ValueError(f"identity.jwt.default_tier: unknown tier {jwt.default_tier!r}")
         seen: set[str] = set()
         for index, key in enumerate(self.identity.api_keys):
             if key.tier not in tiers:

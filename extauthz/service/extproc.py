@@ -11,6 +11,7 @@ through; on a protected route a body the guard cannot read is refused or charged
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as proc_grpc
 from google.protobuf import struct_pb2
 
-from extauthz.core.decision import Decision, DecisionCore
+from extauthz.core.decision import DecisionCore
 from extauthz.core.identity import Identity, RequestInfo, identify
 from extauthz.core.risk import Action, RiskLevel
 from extauthz.dialects import Dialect, DialectError, detect_dialect, get_dialect
@@ -181,9 +182,11 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             identity = identify(info, snapshot)
             if identity.client_id != check.identity.client_id:
                 metrics.ERRORS.labels("identity_mismatch").inc()
-            decision = Decision(
-                check.action, identity, check.level, check.reasons, enforced=check.enforced
+            decision = self._core.verdict(
+                check.action, identity, check.level, check.reasons, snapshot
             )
+            # Check decided whether to enforce; a policy reload in between must not change that.
+            decision = dataclasses.replace(decision, enforced=check.enforced)
         state.identity = decision.identity
         state.level = decision.level
         metrics.DECISIONS.labels("ext_proc", decision.action.value, decision.identity.tier).inc()
@@ -274,7 +277,8 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         if state.route is None or state.identity is None or state.snapshot is None:
             return envoy.continue_response("response_headers", mode_override=_SKIP_RESPONSE_BODY)
         headers = envoy.header_map_to_dict(message.headers)
-        state.response_status = int(headers.get(":status", "0") or 0)
+        status = headers.get(":status", "0")
+        state.response_status = int(status) if status.isdigit() else 0
         state.response_encoding = headers.get("content-encoding", "").strip().lower()
         output = state.snapshot.policy.tier(state.identity.tier).output
         state.rewrite = (

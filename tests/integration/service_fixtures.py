@@ -56,7 +56,12 @@ def policy_yaml(
     retry_after_s: int = 60,
 ) -> str:
     """Return the test policy: three keyed clients, rounding tiers and one passthrough tier."""
-    level_map = {"normal": "allow", "elevated": "allow", "suspicious": "challenge", "abusive": "block"}
+    level_map = {
+        "normal": "allow",
+        "elevated": "allow",
+        "suspicious": "challenge",
+        "abusive": "block",
+    }
     level_map.update(levels or {})
     levels_text = "\n".join(f"  {name}: {action}" for name, action in level_map.items())
     return f"""\
@@ -192,7 +197,11 @@ def check_request(
     request_id: str = "",
 ) -> external_auth_pb2.CheckRequest:
     """Build a CheckRequest as Envoy sends it (lower-case header names, source socket address)."""
-    all_headers = {":path": path, ":method": method, **{k.lower(): v for k, v in (headers or {}).items()}}
+    all_headers = {
+        ":path": path,
+        ":method": method,
+        **{k.lower(): v for k, v in (headers or {}).items()},
+    }
     return external_auth_pb2.CheckRequest(
         attributes=attribute_context_pb2.AttributeContext(
             source=attribute_context_pb2.AttributeContext.Peer(
@@ -216,7 +225,9 @@ def header_options(response_headers: object) -> dict[str, base_pb2.HeaderValueOp
 
 def option_value(option: base_pb2.HeaderValueOption) -> str:
     """Return a header option's value, whichever of ``value``/``raw_value`` carries it."""
-    return option.header.raw_value.decode() if option.header.raw_value else option.header.value
+    header = option.header
+    value: str = header.raw_value.decode() if header.raw_value else header.value
+    return value
 
 
 # --- ext_proc -----------------------------------------------------------------------------------
@@ -250,33 +261,46 @@ def proc_request_headers(
         **(headers or {}),
     }
     message = proc_pb2.ProcessingRequest(
-        request_headers=proc_pb2.HttpHeaders(headers=header_map(all_headers), end_of_stream=end_of_stream)
+        request_headers=proc_pb2.HttpHeaders(
+            headers=header_map(all_headers), end_of_stream=end_of_stream
+        )
     )
     if source:
         attributes = struct_pb2.Struct()
         attributes.update({"source.address": source})
         message.attributes["envoy.filters.http.ext_proc"].CopyFrom(attributes)
     if check_metadata is not None:
-        message.metadata_context.filter_metadata["envoy.filters.http.ext_authz"].CopyFrom(check_metadata)
+        message.metadata_context.filter_metadata["envoy.filters.http.ext_authz"].CopyFrom(
+            check_metadata
+        )
     return message
 
 
 def proc_request_body(body: bytes, *, end_of_stream: bool = True) -> proc_pb2.ProcessingRequest:
-    return proc_pb2.ProcessingRequest(request_body=proc_pb2.HttpBody(body=body, end_of_stream=end_of_stream))
+    return proc_pb2.ProcessingRequest(
+        request_body=proc_pb2.HttpBody(body=body, end_of_stream=end_of_stream)
+    )
 
 
 def proc_response_headers(
-    status: int = 200, *, content_type: str = "application/json", end_of_stream: bool = False,
+    status: int = 200,
+    *,
+    content_type: str = "application/json",
+    end_of_stream: bool = False,
     extra: Mapping[str, str] | None = None,
 ) -> proc_pb2.ProcessingRequest:
     headers = {":status": str(status), "content-type": content_type, **(extra or {})}
     return proc_pb2.ProcessingRequest(
-        response_headers=proc_pb2.HttpHeaders(headers=header_map(headers), end_of_stream=end_of_stream)
+        response_headers=proc_pb2.HttpHeaders(
+            headers=header_map(headers), end_of_stream=end_of_stream
+        )
     )
 
 
 def proc_response_body(body: bytes, *, end_of_stream: bool = True) -> proc_pb2.ProcessingRequest:
-    return proc_pb2.ProcessingRequest(response_body=proc_pb2.HttpBody(body=body, end_of_stream=end_of_stream))
+    return proc_pb2.ProcessingRequest(
+        response_body=proc_pb2.HttpBody(body=body, end_of_stream=end_of_stream)
+    )
 
 
 def gzip_bytes(data: bytes) -> bytes:
@@ -318,11 +342,12 @@ class ProcStream:
 def ends_stream(response: proc_pb2.ProcessingResponse) -> bool:
     """Tell whether Envoy sends nothing more after ``response``: a refusal, or a skip of every later phase."""
     mode = response.mode_override
-    return response.HasField("immediate_response") or (
+    skips_rest = (
         response.HasField("mode_override")
         and mode.request_body_mode == mode.NONE
         and mode.response_header_mode == mode.SKIP
     )
+    return bool(response.HasField("immediate_response") or skips_rest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +360,10 @@ class Exchange:
 
 
 async def exchange(
-    stub: proc_grpc.ExternalProcessorStub, messages: list[proc_pb2.ProcessingRequest], *, timeout_s: float = 20.0
+    stub: proc_grpc.ExternalProcessorStub,
+    messages: list[proc_pb2.ProcessingRequest],
+    *,
+    timeout_s: float = 20.0,
 ) -> Exchange:
     """Play ``messages`` on one stream in lock step, as Envoy does in BUFFERED mode.
 
@@ -378,5 +406,7 @@ async def exchange(
 
 def kserve_body(instances: int, width: int = 3) -> bytes:
     """A KServe v1 request body carrying ``instances`` rows of ``width`` numbers."""
-    rows = ",".join("[" + ",".join(str(0.5 + i + j) for j in range(width)) + "]" for i in range(instances))
+    rows = ",".join(
+        "[" + ",".join(str(0.5 + i + j) for j in range(width)) + "]" for i in range(instances)
+    )
     return f'{{"instances":[{rows}]}}'.encode()

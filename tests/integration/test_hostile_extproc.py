@@ -27,10 +27,10 @@ from tests.integration.service_fixtures import (
     RunningGuard,
     check_request,
     counter,
-    gzip_bytes,
-    header_map,
     ends_stream,
     exchange,
+    gzip_bytes,
+    header_map,
     kserve_body,
     proc_request_body,
     proc_request_headers,
@@ -44,7 +44,11 @@ _T = TypeVar("_T")
 HOSTILE = settings(
     max_examples=60,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
 )
 
 
@@ -79,22 +83,43 @@ def hostile_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuardOnL
 
 _PATHS = st.one_of(
     st.sampled_from(
-        ["/v1/models/m:predict", "/v2/models/m/infer", "/V1/MODELS/x:predict", "/v1/models/", "/other", "/", ""]
+        [
+            "/v1/models/m:predict",
+            "/v2/models/m/infer",
+            "/V1/MODELS/x:predict",
+            "/v1/models/",
+            "/other",
+            "/",
+            "",
+        ]
     ),
     st.text(max_size=40).map(lambda text: "/v1/models/" + text),
     st.text(max_size=40),
 )
 _HEADER_VALUES = st.one_of(
     st.binary(max_size=64),  # invalid UTF-8 included
-    st.sampled_from([b"gzip", b"br", b"deflate", b"identity", b"application/json", b"text/plain", b""]),
+    st.sampled_from(
+        [b"gzip", b"br", b"deflate", b"identity", b"application/json", b"text/plain", b""]
+    ),
     st.sampled_from([ALICE_KEY, BOB_KEY, MALLORY_KEY, UNKNOWN_KEY]).map(str.encode),
 )
 _HEADER_NAMES = st.one_of(
-    st.sampled_from(["x-api-key", "content-encoding", "content-type", "x-request-id", ":method", "content-length"]),
+    st.sampled_from(
+        [
+            "x-api-key",
+            "content-encoding",
+            "content-type",
+            "x-request-id",
+            ":method",
+            "content-length",
+        ]
+    ),
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz-:", min_size=1, max_size=20),
 )
 _SOURCES = st.one_of(
-    st.sampled_from(["127.0.0.2:5555", "[::1]:80", "::1", "10.0.0.1", "", "not-an-ip", "1.2.3.4:5:6"]),
+    st.sampled_from(
+        ["127.0.0.2:5555", "[::1]:80", "::1", "10.0.0.1", "", "not-an-ip", "1.2.3.4:5:6"]
+    ),
     st.text(max_size=30),
 )
 
@@ -133,7 +158,9 @@ _BODIES = st.one_of(
     st.binary(max_size=2048),
     st.integers(0, 3000).map(kserve_body),  # batches far over every tier's max
     st.integers(0, 1 << 20).map(lambda n: b"x" * n),  # up to 1 MB of junk
-    st.integers(0, 120_000).map(lambda n: b'{"instances":[' + b"0.25," * n + b"1]}"),  # large and valid
+    st.integers(0, 120_000).map(
+        lambda n: b'{"instances":[' + b"0.25," * n + b"1]}"
+    ),  # large and valid
     st.sampled_from(
         [
             b'{"instances":[[NaN]]}',
@@ -156,22 +183,29 @@ _RESPONSE_BODIES = st.one_of(
     st.lists(st.integers(-(2**70), 2**70), min_size=1, max_size=10).map(
         lambda xs: ('{"predictions":[' + ",".join(str(x) for x in xs) + "]}").encode()
     ),
-    st.sampled_from([b'{"outputs":[{"name":"y","shape":[2],"datatype":"FP32","data":[0.123,0.877]}]}']),
+    st.sampled_from(
+        [b'{"outputs":[{"name":"y","shape":[2],"datatype":"FP32","data":[0.123,0.877]}]}']
+    ),
 )
 
 
 @st.composite
 def _response_headers(draw: st.DrawFn) -> proc_pb2.ProcessingRequest:
     status = draw(st.sampled_from([200, 201, 204, 404, 500, 503]))
-    content_type = draw(st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", ""]))
+    content_type = draw(
+        st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", ""])
+    )
     encoding = draw(st.sampled_from([{}, {"content-encoding": "gzip"}, {"content-encoding": "br"}]))
-    return proc_response_headers(status, content_type=content_type, extra=encoding,
-                                 end_of_stream=draw(st.booleans()))
+    return proc_response_headers(
+        status, content_type=content_type, extra=encoding, end_of_stream=draw(st.booleans())
+    )
 
 
 _TRAILERS = st.sampled_from(
     [
-        proc_pb2.ProcessingRequest(request_trailers=proc_pb2.HttpTrailers(trailers=header_map({"x-t": "1"}))),
+        proc_pb2.ProcessingRequest(
+            request_trailers=proc_pb2.HttpTrailers(trailers=header_map({"x-t": "1"}))
+        ),
         proc_pb2.ProcessingRequest(response_trailers=proc_pb2.HttpTrailers()),
     ]
 )
@@ -192,8 +226,12 @@ def _streams(draw: st.DrawFn) -> list[proc_pb2.ProcessingRequest]:
     if draw(st.booleans()):
         return draw(st.lists(_MESSAGES, max_size=8))
     plan: list[proc_pb2.ProcessingRequest] = []
-    for phase in (_request_headers(), _BODIES.map(proc_request_body), _response_headers(),
-                  _RESPONSE_BODIES.map(proc_response_body)):
+    for phase in (
+        _request_headers(),
+        _BODIES.map(proc_request_body),
+        _response_headers(),
+        _RESPONSE_BODIES.map(proc_response_body),
+    ):
         plan.extend(draw(st.lists(phase, max_size=2)))
     return plan
 
@@ -210,7 +248,9 @@ class TestHostileStreams:
 
     @HOSTILE
     @given(messages=_streams())
-    def test_random_streams_end_ok(self, hostile_guard: GuardOnLoop, messages: list[proc_pb2.ProcessingRequest]) -> None:
+    def test_random_streams_end_ok(
+        self, hostile_guard: GuardOnLoop, messages: list[proc_pb2.ProcessingRequest]
+    ) -> None:
         internal_before = counter("extauthz_errors_total", reason="internal_error")
         result = hostile_guard.run(lambda g: exchange(g.extproc, messages))
         assert result.code == grpc.StatusCode.OK
@@ -219,7 +259,9 @@ class TestHostileStreams:
         for index, response in enumerate(result.responses):
             kind = response.WhichOneof("response")
             if kind == "immediate_response":
-                assert index == len(result.responses) - 1, "an immediate_response must end the stream"
+                assert index == len(result.responses) - 1, (
+                    "an immediate_response must end the stream"
+                )
                 assert 400 <= response.immediate_response.status.code < 600
             else:
                 assert kind == expected[index], (kind, expected)
@@ -228,19 +270,32 @@ class TestHostileStreams:
             assert result.responses and ends_stream(result.responses[-1])
         assert counter("extauthz_errors_total", reason="internal_error") == internal_before
 
-    def test_duplicate_request_headers_counted_out_of_order(self, hostile_guard: GuardOnLoop) -> None:
+    def test_duplicate_request_headers_counted_out_of_order(
+        self, hostile_guard: GuardOnLoop
+    ) -> None:
         before = counter("extauthz_errors_total", reason="out_of_order")
-        messages = [proc_request_headers(), proc_request_headers(), proc_request_body(kserve_body(1))]
+        messages = [
+            proc_request_headers(),
+            proc_request_headers(),
+            proc_request_body(kserve_body(1)),
+        ]
         result = hostile_guard.run(lambda g: exchange(g.extproc, messages))
         responses, code = result.responses, result.code
         assert code == grpc.StatusCode.OK
-        assert [r.WhichOneof("response") for r in responses] == ["request_headers", "request_headers", "request_body"]
+        assert [r.WhichOneof("response") for r in responses] == [
+            "request_headers",
+            "request_headers",
+            "request_body",
+        ]
         assert counter("extauthz_errors_total", reason="out_of_order") == before + 1
 
     def test_duplicate_request_body_counted_once(self, hostile_guard: GuardOnLoop) -> None:
         source = "192.0.2.77:1"
-        messages = [proc_request_headers(source=source), proc_request_body(kserve_body(2)),
-                    proc_request_body(kserve_body(3))]
+        messages = [
+            proc_request_headers(source=source),
+            proc_request_body(kserve_body(2)),
+            proc_request_body(kserve_body(3)),
+        ]
         result = hostile_guard.run(lambda g: exchange(g.extproc, messages))
         responses, code = result.responses, result.code
         record = hostile_guard.run(lambda g: g.guard.store.get_client("ip:192.0.2.77"))
@@ -258,7 +313,7 @@ class TestHostileStreams:
         assert counter("extauthz_errors_total", reason="empty_message") == before + 1
 
 
-_TEXT = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40)
+_TEXT = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=40)
 
 
 @st.composite
@@ -267,10 +322,14 @@ def _check_requests(draw: st.DrawFn) -> external_auth_pb2.CheckRequest:
         return external_auth_pb2.CheckRequest()
     headers = draw(st.dictionaries(_TEXT.map(str.lower), _TEXT, max_size=6))
     if draw(st.booleans()):
-        headers["x-api-key"] = draw(st.one_of(st.sampled_from([ALICE_KEY, BOB_KEY, MALLORY_KEY, UNKNOWN_KEY]), _TEXT))
+        headers["x-api-key"] = draw(
+            st.one_of(st.sampled_from([ALICE_KEY, BOB_KEY, MALLORY_KEY, UNKNOWN_KEY]), _TEXT)
+        )
     request = check_request(
         headers,
-        address=draw(st.one_of(_TEXT, st.sampled_from(["::1", "2001:db8::1", "10.0.0.1", "256.1.1.1", ""]))),
+        address=draw(
+            st.one_of(_TEXT, st.sampled_from(["::1", "2001:db8::1", "10.0.0.1", "256.1.1.1", ""]))
+        ),
         port=draw(st.integers(0, 65535)),
         path=draw(_TEXT),
         method=draw(st.sampled_from(["GET", "POST", "", "BREW"])),
@@ -278,11 +337,18 @@ def _check_requests(draw: st.DrawFn) -> external_auth_pb2.CheckRequest:
     )
     if draw(st.booleans()):
         payload = struct_pb2.Struct()
-        payload.update({"sub": draw(st.one_of(_TEXT, st.just(7))), "iss": draw(_TEXT),
-                        "tier": draw(st.sampled_from(["free", "trusted", "bogus", ""]))})
+        payload.update(
+            {
+                "sub": draw(st.one_of(_TEXT, st.just(7))),
+                "iss": draw(_TEXT),
+                "tier": draw(st.sampled_from(["free", "trusted", "bogus", ""])),
+            }
+        )
         jwt = struct_pb2.Struct()
         jwt.fields["jwt_payload"].struct_value.CopyFrom(payload)
-        request.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].CopyFrom(jwt)
+        request.attributes.metadata_context.filter_metadata[
+            "envoy.filters.http.jwt_authn"
+        ].CopyFrom(jwt)
     return request
 
 
@@ -291,7 +357,9 @@ class TestHostileChecks:
 
     @HOSTILE
     @given(request=_check_requests())
-    def test_random_checks_answered(self, hostile_guard: GuardOnLoop, request: external_auth_pb2.CheckRequest) -> None:
+    def test_random_checks_answered(
+        self, hostile_guard: GuardOnLoop, request: external_auth_pb2.CheckRequest
+    ) -> None:
         internal_before = counter("extauthz_errors_total", reason="internal_error")
         response = hostile_guard.run(lambda g: g.authz.Check(request, timeout=10))
         assert isinstance(response, external_auth_pb2.CheckResponse)
@@ -318,10 +386,17 @@ class TestStillServing:
         responses, code = result.responses, result.code
         assert code == grpc.StatusCode.OK
         assert [r.WhichOneof("response") for r in responses] == [
-            "request_headers", "request_body", "response_headers", "response_body",
+            "request_headers",
+            "request_body",
+            "response_headers",
+            "response_body",
         ]
-        assert responses[-1].response_body.response.body_mutation.body == b'{"predictions":[0.12,0.5]}'
+        assert (
+            responses[-1].response_body.response.body_mutation.body == b'{"predictions":[0.12,0.5]}'
+        )
 
     def test_normal_check_after_hostile_runs(self, hostile_guard: GuardOnLoop) -> None:
-        response = hostile_guard.run(lambda g: g.authz.Check(check_request({"x-api-key": BOB_KEY}), timeout=10))
+        response = hostile_guard.run(
+            lambda g: g.authz.Check(check_request({"x-api-key": BOB_KEY}), timeout=10)
+        )
         assert response.HasField("ok_response")

@@ -28,10 +28,15 @@ _Call = Callable[[admin_pb2_grpc.AdminStub, tuple[tuple[str, str], ...]], Awaita
 
 # One call per method, each valid apart from its credentials.
 METHODS: dict[str, _Call] = {
-    "GetClient": lambda stub, md: stub.GetClient(admin_pb2.GetClientRequest(client_id="key:alice"), metadata=md),
-    "ListClients": lambda stub, md: stub.ListClients(admin_pb2.ListClientsRequest(page_size=2), metadata=md),
-    "ResetClient": lambda stub, md: stub.ResetClient(admin_pb2.ResetClientRequest(client_id="key:alice"),
-                                                     metadata=md),
+    "GetClient": lambda stub, md: stub.GetClient(
+        admin_pb2.GetClientRequest(client_id="key:alice"), metadata=md
+    ),
+    "ListClients": lambda stub, md: stub.ListClients(
+        admin_pb2.ListClientsRequest(page_size=2), metadata=md
+    ),
+    "ResetClient": lambda stub, md: stub.ResetClient(
+        admin_pb2.ResetClientRequest(client_id="key:alice"), metadata=md
+    ),
     "SetClientLevel": lambda stub, md: stub.SetClientLevel(
         admin_pb2.SetClientLevelRequest(client_id="key:alice", level="abusive"), metadata=md
     ),
@@ -72,11 +77,16 @@ class TestAuthentication:
     @pytest.mark.parametrize("method", sorted(METHODS))
     async def test_wrong_token_unauthenticated(self, guarded: RunningGuard, method: str) -> None:
         wrong = (("authorization", "Bearer not-the-token"),)
-        assert await _code_of(METHODS[method](guarded.admin, wrong)) == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            await _code_of(METHODS[method](guarded.admin, wrong)) == grpc.StatusCode.UNAUTHENTICATED
+        )
 
     async def test_non_bearer_scheme_unauthenticated(self, guarded: RunningGuard) -> None:
         basic = (("authorization", f"Basic {ADMIN_TOKEN}"),)
-        assert await _code_of(METHODS["ListClients"](guarded.admin, basic)) == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            await _code_of(METHODS["ListClients"](guarded.admin, basic))
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
 
     @pytest.mark.parametrize("method", sorted(METHODS))
     async def test_no_token_file_permission_denied(self, tmp_path: Path, method: str) -> None:
@@ -93,7 +103,10 @@ class TestAuthentication:
         guarded.token_file.write_text("rotated-token\n", "utf-8")
         new = (("authorization", "Bearer rotated-token"),)
         assert await _code_of(METHODS["ListClients"](guarded.admin, new)) == grpc.StatusCode.OK
-        assert await _code_of(METHODS["ListClients"](guarded.admin, AUTH)) == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            await _code_of(METHODS["ListClients"](guarded.admin, AUTH))
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
 
 
 class TestClientControl:
@@ -101,10 +114,16 @@ class TestClientControl:
 
     async def test_set_abusive_then_check_is_403(self, guarded: RunningGuard) -> None:
         client = await guarded.admin.SetClientLevel(
-            admin_pb2.SetClientLevelRequest(client_id="key:alice", level="abusive", reason="scraping"),
+            admin_pb2.SetClientLevelRequest(
+                client_id="key:alice", level="abusive", reason="scraping"
+            ),
             metadata=AUTH,
         )
-        assert (client.pinned_level, client.effective_level, client.action) == ("abusive", "abusive", "block")
+        assert (client.pinned_level, client.effective_level, client.action) == (
+            "abusive",
+            "abusive",
+            "block",
+        )
         response = await guarded.authz.Check(check_request({"x-api-key": ALICE_KEY}))
         assert response.denied_response.status.code == 403
         assert json.loads(response.denied_response.body)["action"] == "block"
@@ -121,22 +140,34 @@ class TestClientControl:
         await guarded.admin.SetClientLevel(
             admin_pb2.SetClientLevelRequest(client_id="key:alice", level="abusive"), metadata=AUTH
         )
-        reset = await guarded.admin.ResetClient(admin_pb2.ResetClientRequest(client_id="key:alice"), metadata=AUTH)
+        reset = await guarded.admin.ResetClient(
+            admin_pb2.ResetClientRequest(client_id="key:alice"), metadata=AUTH
+        )
         assert reset.existed
         response = await guarded.authz.Check(check_request({"x-api-key": ALICE_KEY}))
         assert response.HasField("ok_response")
-        again = await guarded.admin.ResetClient(admin_pb2.ResetClientRequest(client_id="nobody"), metadata=AUTH)
+        again = await guarded.admin.ResetClient(
+            admin_pb2.ResetClientRequest(client_id="nobody"), metadata=AUTH
+        )
         assert not again.existed
 
     async def test_get_client_reports_counters(self, guarded: RunningGuard) -> None:
         for _ in range(2):
             await guarded.authz.Check(check_request({"x-api-key": ALICE_KEY}))
-        client = await guarded.admin.GetClient(admin_pb2.GetClientRequest(client_id="key:alice"), metadata=AUTH)
+        client = await guarded.admin.GetClient(
+            admin_pb2.GetClientRequest(client_id="key:alice"), metadata=AUTH
+        )
         assert (client.client_id, client.tier, client.requests) == ("key:alice", "free", 2)
-        assert (client.effective_level, client.action, client.pinned_level) == ("normal", "allow", "")
+        assert (client.effective_level, client.action, client.pinned_level) == (
+            "normal",
+            "allow",
+            "",
+        )
 
     async def test_get_unknown_client_not_found(self, guarded: RunningGuard) -> None:
-        call = guarded.admin.GetClient(admin_pb2.GetClientRequest(client_id="key:ghost"), metadata=AUTH)
+        call = guarded.admin.GetClient(
+            admin_pb2.GetClientRequest(client_id="key:ghost"), metadata=AUTH
+        )
         assert await _code_of(call) == grpc.StatusCode.NOT_FOUND
 
     @pytest.mark.parametrize(
@@ -159,7 +190,8 @@ class TestClientControl:
 
     async def test_pin_with_ttl_expires(self, guarded: RunningGuard) -> None:
         await guarded.admin.SetClientLevel(
-            admin_pb2.SetClientLevelRequest(client_id="key:alice", level="abusive", ttl_seconds=30), metadata=AUTH
+            admin_pb2.SetClientLevelRequest(client_id="key:alice", level="abusive", ttl_seconds=30),
+            metadata=AUTH,
         )
         blocked = await guarded.authz.Check(check_request({"x-api-key": ALICE_KEY}))
         guarded.clock.now += 31
@@ -202,7 +234,9 @@ class TestListClients:
 
     @pytest.mark.parametrize("size", [-1, 1001])
     async def test_bad_page_size_invalid(self, guarded: RunningGuard, size: int) -> None:
-        call = guarded.admin.ListClients(admin_pb2.ListClientsRequest(page_size=size), metadata=AUTH)
+        call = guarded.admin.ListClients(
+            admin_pb2.ListClientsRequest(page_size=size), metadata=AUTH
+        )
         assert await _code_of(call) == grpc.StatusCode.INVALID_ARGUMENT
 
     async def test_malformed_page_token_invalid(self, guarded: RunningGuard) -> None:
@@ -216,10 +250,19 @@ class TestListClients:
 class TestAdminCli:
     """``extauthz admin`` talks to the running guard and prints JSON."""
 
-    async def test_list_prints_json(self, guarded: RunningGuard, capsys: pytest.CaptureFixture[str]) -> None:
+    async def test_list_prints_json(
+        self, guarded: RunningGuard, capsys: pytest.CaptureFixture[str]
+    ) -> None:
         await guarded.authz.Check(check_request({"x-api-key": ALICE_KEY}))
         assert guarded.token_file is not None
-        argv = ["admin", "--target", guarded.target, "--token-file", str(guarded.token_file), "list"]
+        argv = [
+            "admin",
+            "--target",
+            guarded.target,
+            "--token-file",
+            str(guarded.token_file),
+            "list",
+        ]
         code = await asyncio.to_thread(main, argv)
         out = capsys.readouterr().out
         assert code == 0
@@ -227,10 +270,14 @@ class TestAdminCli:
         assert [client["client_id"] for client in document["clients"]] == ["key:alice"]
         assert document["clients"][0]["requests"] == "1"  # int64 fields are JSON strings
 
-    async def test_set_level_then_get_client(self, guarded: RunningGuard, capsys: pytest.CaptureFixture[str]) -> None:
+    async def test_set_level_then_get_client(
+        self, guarded: RunningGuard, capsys: pytest.CaptureFixture[str]
+    ) -> None:
         assert guarded.token_file is not None
         base = ["admin", "--target", guarded.target, "--token-file", str(guarded.token_file)]
-        assert await asyncio.to_thread(main, [*base, "set-level", "ip:203.0.113.9", "suspicious"]) == 0
+        assert (
+            await asyncio.to_thread(main, [*base, "set-level", "ip:203.0.113.9", "suspicious"]) == 0
+        )
         capsys.readouterr()
         assert await asyncio.to_thread(main, [*base, "get-client", "ip:203.0.113.9"]) == 0
         document = _cli_json(capsys.readouterr().out)

@@ -41,7 +41,8 @@ async def guarded(tmp_path: Path) -> AsyncIterator[RunningGuard]:
 
 
 def _metadata(response: external_auth_pb2.CheckResponse) -> dict[str, object]:
-    return json_format.MessageToDict(response.dynamic_metadata)
+    metadata: dict[str, object] = json_format.MessageToDict(response.dynamic_metadata)
+    return metadata
 
 
 def _denied_body(response: external_auth_pb2.CheckResponse) -> dict[str, object]:
@@ -111,14 +112,21 @@ class TestCheckRefusals:
         assert _denied_body(response)["error"] == "invalid_api_key"
 
     async def test_request_id_is_echoed_in_the_refusal(self, guarded: RunningGuard) -> None:
-        response = await guarded.authz.Check(check_request({"x-api-key": MALLORY_KEY}, request_id="req-77"))
+        response = await guarded.authz.Check(
+            check_request({"x-api-key": MALLORY_KEY}, request_id="req-77")
+        )
         assert _denied_body(response)["request_id"] == "req-77"
 
     async def test_throttle_level_gets_429_with_retry_after(self, tmp_path: Path) -> None:
         text = policy_yaml(levels={"elevated": "throttle"}, retry_after_s=17)
         async with running_guard(tmp_path, text) as running:
             await running.guard.store.set_level(
-                "key:alice", level="elevated", blocked=False, reason="test", now=running.clock(), ttl_s=None
+                "key:alice",
+                level="elevated",
+                blocked=False,
+                reason="test",
+                now=running.clock(),
+                ttl_s=None,
             )
             response = await running.authz.Check(check_request({"x-api-key": ALICE_KEY}))
         assert response.denied_response.status.code == 429

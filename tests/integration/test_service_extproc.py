@@ -50,7 +50,9 @@ def _immediate_json(response: proc_pb2.ProcessingResponse) -> dict[str, object]:
     return document
 
 
-async def _open(guarded: RunningGuard, **kwargs: object) -> tuple[ProcStream, proc_pb2.ProcessingResponse]:
+async def _open(
+    guarded: RunningGuard, **kwargs: object
+) -> tuple[ProcStream, proc_pb2.ProcessingResponse]:
     """Open a stream and send request_headers; return the stream and the answer."""
     stream = ProcStream(guarded.extproc)
     answer = await stream.send(proc_request_headers(**kwargs))  # type: ignore[arg-type]
@@ -167,7 +169,9 @@ class TestRequestBody:
 
     async def test_gzip_batch_over_max_is_refused(self, guarded: RunningGuard) -> None:
         stream, _ = await _open(guarded, headers={"content-encoding": "gzip"})
-        answer = await stream.send(proc_request_body(gzip_bytes(kserve_body(ANONYMOUS_MAX_INSTANCES * 4))))
+        answer = await stream.send(
+            proc_request_body(gzip_bytes(kserve_body(ANONYMOUS_MAX_INSTANCES * 4)))
+        )
         assert answer.immediate_response.status.code == 413
         await stream.finish()
 
@@ -193,7 +197,9 @@ class TestResponse:
         await stream.send(proc_request_body(kserve_body(1)))
         return stream
 
-    async def test_floats_are_rounded_with_matching_content_length(self, guarded: RunningGuard) -> None:
+    async def test_floats_are_rounded_with_matching_content_length(
+        self, guarded: RunningGuard
+    ) -> None:
         stream = await self._through_request(guarded)
         headers_answer = await stream.send(proc_response_headers(extra={"content-length": "60"}))
         assert headers_answer.response_headers.response.status == CONTINUE
@@ -224,7 +230,8 @@ class TestResponse:
         await stream.finish()
 
     @pytest.mark.parametrize(
-        ("status", "content_type"), [(500, "application/json"), (200, "text/plain"), (404, "text/html")]
+        ("status", "content_type"),
+        [(500, "application/json"), (200, "text/plain"), (404, "text/html")],
     )
     async def test_non_200_or_non_json_not_rewritten(
         self, guarded: RunningGuard, status: int, content_type: str
@@ -250,11 +257,15 @@ class TestCheckThenExtProc:
     """With Check's verdict in metadata, ext_proc does not charge the request again and reuses the level."""
 
     async def test_two_hop_charges_one_request(self, guarded: RunningGuard) -> None:
-        check = await guarded.authz.Check(check_request({"x-api-key": ALICE_KEY}, address="127.0.0.2"))
+        check = await guarded.authz.Check(
+            check_request({"x-api-key": ALICE_KEY}, address="127.0.0.2")
+        )
         verdict: struct_pb2.Struct = check.dynamic_metadata
         after_check = await guarded.guard.store.get_client("key:alice")
         assert after_check is not None and after_check.requests == 1
-        stream, answer = await _open(guarded, headers={"x-api-key": ALICE_KEY}, check_metadata=verdict)
+        stream, answer = await _open(
+            guarded, headers={"x-api-key": ALICE_KEY}, check_metadata=verdict
+        )
         assert answer.request_headers.response.status == CONTINUE
         await stream.send(proc_request_body(kserve_body(5)))
         await stream.finish()
@@ -264,23 +275,46 @@ class TestCheckThenExtProc:
 
     async def test_two_hop_reuses_the_level(self, guarded: RunningGuard) -> None:
         verdict = struct_pb2.Struct()
-        verdict.update({"client": "key:alice", "tier": "free", "risk": "elevated", "level": 1,
-                        "action": "allow", "reasons": "pinned_elevated"})
-        stream, answer = await _open(guarded, headers={"x-api-key": ALICE_KEY}, check_metadata=verdict)
+        verdict.update(
+            {
+                "client": "key:alice",
+                "tier": "free",
+                "risk": "elevated",
+                "level": 1,
+                "action": "allow",
+                "reasons": "pinned_elevated",
+            }
+        )
+        stream, answer = await _open(
+            guarded, headers={"x-api-key": ALICE_KEY}, check_metadata=verdict
+        )
         options = header_options(answer.request_headers.response.header_mutation.set_headers)
         assert option_value(options["x-extauthz-risk"]) == "elevated"
         metadata = json_format.MessageToDict(answer.dynamic_metadata)["extauthz"]
         assert (metadata["risk"], metadata["reasons"]) == ("elevated", "pinned_elevated")
         await stream.finish()
-        assert await guarded.guard.store.get_client("key:alice") is None  # request_headers charged nothing
+        assert (
+            await guarded.guard.store.get_client("key:alice") is None
+        )  # request_headers charged nothing
 
-    @pytest.mark.parametrize(("action", "status"), [("block", 403), ("throttle", 429), ("challenge", 401)])
+    @pytest.mark.parametrize(
+        ("action", "status"), [("block", 403), ("throttle", 429), ("challenge", 401)]
+    )
     async def test_forwarded_refusal_keeps_its_status(
         self, guarded: RunningGuard, action: str, status: int
     ) -> None:
         verdict = struct_pb2.Struct()
-        verdict.update({"client": ANON_CLIENT, "tier": "anonymous", "risk": "abusive", "level": 3,
-                        "action": action, "reasons": "", "enforced": True})
+        verdict.update(
+            {
+                "client": ANON_CLIENT,
+                "tier": "anonymous",
+                "risk": "abusive",
+                "level": 3,
+                "action": action,
+                "reasons": "",
+                "enforced": True,
+            }
+        )
         stream, answer = await _open(guarded, check_metadata=verdict)
         assert answer.immediate_response.status.code == status
         assert _immediate_json(answer)["action"] == action
@@ -291,15 +325,29 @@ class TestCheckThenExtProc:
 
     async def test_forwarded_shadow_refusal_is_allowed(self, guarded: RunningGuard) -> None:
         verdict = struct_pb2.Struct()
-        verdict.update({"client": ANON_CLIENT, "tier": "anonymous", "risk": "abusive", "level": 3,
-                        "action": "block", "reasons": "deny_list", "enforced": False})
+        verdict.update(
+            {
+                "client": ANON_CLIENT,
+                "tier": "anonymous",
+                "risk": "abusive",
+                "level": 3,
+                "action": "block",
+                "reasons": "deny_list",
+                "enforced": False,
+            }
+        )
         stream, answer = await _open(guarded, check_metadata=verdict)
         assert answer.request_headers.response.status == CONTINUE
         await stream.finish()
 
     async def test_single_hop_blocks_a_pinned_abusive_client(self, guarded: RunningGuard) -> None:
         await guarded.guard.store.set_level(
-            ANON_CLIENT, level="abusive", blocked=False, reason="test", now=guarded.clock(), ttl_s=None
+            ANON_CLIENT,
+            level="abusive",
+            blocked=False,
+            reason="test",
+            now=guarded.clock(),
+            ttl_s=None,
         )
         before = counter("extauthz_extproc_streams_total", outcome="immediate")
         stream, answer = await _open(guarded)

@@ -17,8 +17,9 @@ KeyDigest = Callable[[str], str]
 class TestCheckConfig:
     """check-config validates a policy file without starting anything."""
 
-    def test_good_file_prints_ok(self, write_file: WriteFile, key_digest: KeyDigest,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+    def test_good_file_prints_ok(
+        self, write_file: WriteFile, key_digest: KeyDigest, capsys: pytest.CaptureFixture[str]
+    ) -> None:
         path = write_file(
             "policy.yaml",
             f"""
@@ -35,7 +36,9 @@ class TestCheckConfig:
         assert "1 API keys" in out
         assert err == ""
 
-    def test_built_in_default_checks_ok(self, write_file: WriteFile, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_built_in_default_checks_ok(
+        self, write_file: WriteFile, capsys: pytest.CaptureFixture[str]
+    ) -> None:
         path = write_file("default.yaml", default_policy_text())
         assert main(["check-config", str(path)]) == 0
         out, _ = capsys.readouterr()
@@ -51,14 +54,18 @@ class TestCheckConfig:
         assert f"{path}: invalid" in err
         assert "tiers.free.max_instances: " in err
 
-    def test_every_problem_is_listed(self, write_file: WriteFile, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_every_problem_is_listed(
+        self, write_file: WriteFile, capsys: pytest.CaptureFixture[str]
+    ) -> None:
         path = write_file("policy.yaml", "mode: loud\nbogus: 1\n")
         assert main(["check-config", str(path)]) == 1
         _, err = capsys.readouterr()
         assert "mode: " in err
         assert "bogus: unknown field" in err
 
-    def test_missing_keys_file_fails(self, write_file: WriteFile, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_missing_keys_file_fails(
+        self, write_file: WriteFile, capsys: pytest.CaptureFixture[str]
+    ) -> None:
         path = write_file("policy.yaml", "identity: {keys_file: keys.yaml}\n")
         assert main(["check-config", str(path)]) == 1
         _, err = capsys.readouterr()

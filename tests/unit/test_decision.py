@@ -37,16 +37,25 @@ def _request(
     all_headers = dict(headers or {})
     if key is not None:
         all_headers["x-api-key"] = key
-    return RequestInfo(headers=all_headers, source_address=address, path="/v1/models/m:predict",
-                       method="POST", jwt_payload=jwt)
+    return RequestInfo(
+        headers=all_headers,
+        source_address=address,
+        path="/v1/models/m:predict",
+        method="POST",
+        jwt_payload=jwt,
+    )
 
 
 def _store_errors() -> float:
-    return REGISTRY.get_sample_value("extauthz_errors_total", {"reason": "store_unavailable"}) or 0.0
+    return (
+        REGISTRY.get_sample_value("extauthz_errors_total", {"reason": "store_unavailable"}) or 0.0
+    )
 
 
 @pytest.fixture
-def keyed_policy(policy_from_text: PolicyFromText, key_digest: KeyDigest) -> Callable[[str], Snapshot]:
+def keyed_policy(
+    policy_from_text: PolicyFromText, key_digest: KeyDigest
+) -> Callable[[str], Snapshot]:
     """Return a builder of policies with keys alice (free) and ops (trusted) plus ``extra`` YAML."""
 
     def build(extra: str = "") -> Snapshot:
@@ -68,21 +77,27 @@ def store(clock: FakeClock) -> MemoryStore:
     return MemoryStore(max_clients=1_000, ttl_s=3_600.0, clock=clock)
 
 
-def _core(snapshot: Snapshot, store: Any, clock: FakeClock, budget_s: float = BUDGET_S) -> DecisionCore:
+def _core(
+    snapshot: Snapshot, store: Any, clock: FakeClock, budget_s: float = BUDGET_S
+) -> DecisionCore:
     return DecisionCore(lambda: snapshot, store, clock=clock, budget_s=budget_s)
 
 
 class _FailingStore(MemoryStore):
     """A store whose ``record`` always fails, as a Redis that is down."""
 
-    async def record(self, client_id: str, *, tier: str, requests: int, instances: int, now: float) -> ClientRecord:
+    async def record(
+        self, client_id: str, *, tier: str, requests: int, instances: int, now: float
+    ) -> ClientRecord:
         raise StoreError("connection refused")
 
 
 class _SlowStore(MemoryStore):
     """A store whose ``record`` answers long after any decision budget."""
 
-    async def record(self, client_id: str, *, tier: str, requests: int, instances: int, now: float) -> ClientRecord:
+    async def record(
+        self, client_id: str, *, tier: str, requests: int, instances: int, now: float
+    ) -> ClientRecord:
         await asyncio.sleep(30.0)
         raise AssertionError("the budget should have cancelled this call")
 
@@ -90,8 +105,9 @@ class _SlowStore(MemoryStore):
 class TestIdentityByKey:
     """An API key identifies a client by the key's name; the raw key never leaves identify()."""
 
-    def test_known_key_gives_its_name_and_tier(self, keyed_policy: Callable[[str], Snapshot],
-                                               key_digest: KeyDigest) -> None:
+    def test_known_key_gives_its_name_and_tier(
+        self, keyed_policy: Callable[[str], Snapshot], key_digest: KeyDigest
+    ) -> None:
         identity = identify(_request(key=OPS_KEY), keyed_policy(""))
         assert identity.client_id == "key:ops"
         assert identity.tier == "trusted"
@@ -99,13 +115,17 @@ class TestIdentityByKey:
         assert identity.key_sha256 == key_digest(OPS_KEY)
         assert identity.error == ""
 
-    def test_raw_key_never_appears_in_the_identity(self, keyed_policy: Callable[[str], Snapshot]) -> None:
+    def test_raw_key_never_appears_in_the_identity(
+        self, keyed_policy: Callable[[str], Snapshot]
+    ) -> None:
         for key in (ALICE_KEY, "sk-unknown-key-value"):
             identity = identify(_request(key=key), keyed_policy(""))
             assert all(key not in str(v) for v in dataclasses.astuple(identity))
             assert key not in repr(identity)
 
-    def test_unknown_key_is_an_error_under_deny(self, keyed_policy: Callable[[str], Snapshot]) -> None:
+    def test_unknown_key_is_an_error_under_deny(
+        self, keyed_policy: Callable[[str], Snapshot]
+    ) -> None:
         raw = "sk-unknown-key-value"
         identity = identify(_request(key=raw), keyed_policy(""))
         assert identity.error == "invalid_api_key"
@@ -113,7 +133,9 @@ class TestIdentityByKey:
         assert raw not in identity.client_id
         assert identity.client_id.startswith("key:")
 
-    def test_unknown_key_is_anonymous_when_policy_says_so(self, policy_from_text: PolicyFromText) -> None:
+    def test_unknown_key_is_anonymous_when_policy_says_so(
+        self, policy_from_text: PolicyFromText
+    ) -> None:
         snapshot = policy_from_text("identity: {unknown_key: anonymous}\n")
         identity = identify(_request("198.51.100.4", key="sk-unknown"), snapshot)
         assert identity.error == ""
@@ -121,8 +143,9 @@ class TestIdentityByKey:
         assert identity.tier == "anonymous"
         assert identity.kind == "anonymous"
 
-    def test_custom_key_header_is_matched_lower_case(self, policy_from_text: PolicyFromText,
-                                                     key_digest: KeyDigest) -> None:
+    def test_custom_key_header_is_matched_lower_case(
+        self, policy_from_text: PolicyFromText, key_digest: KeyDigest
+    ) -> None:
         snapshot = policy_from_text(
             f"""
             identity:
@@ -130,11 +153,16 @@ class TestIdentityByKey:
               api_keys: [{{name: alice, sha256: '{key_digest(ALICE_KEY)}', tier: free}}]
             """
         )
-        assert identify(_request(headers={"x-client-key": ALICE_KEY}), snapshot).client_id == "key:alice"
+        assert (
+            identify(_request(headers={"x-client-key": ALICE_KEY}), snapshot).client_id
+            == "key:alice"
+        )
         assert identify(_request(key=ALICE_KEY), snapshot).kind == "anonymous"
 
     def test_key_wins_over_jwt(self, keyed_policy: Callable[[str], Snapshot]) -> None:
-        identity = identify(_request(key=ALICE_KEY, jwt={"sub": "u1", "tier": "trusted"}), keyed_policy(""))
+        identity = identify(
+            _request(key=ALICE_KEY, jwt={"sub": "u1", "tier": "trusted"}), keyed_policy("")
+        )
         assert identity.client_id == "key:alice"
 
 
@@ -181,7 +209,10 @@ class TestIdentityByJwt:
     """Verified JWT claims identify a client by an opaque hash of issuer and subject."""
 
     def test_jwt_gives_an_opaque_id_and_the_claimed_tier(self) -> None:
-        identity = identify(_request(jwt={"iss": "https://idp", "sub": "user-42", "tier": "trusted"}), load_default())
+        identity = identify(
+            _request(jwt={"iss": "https://idp", "sub": "user-42", "tier": "trusted"}),
+            load_default(),
+        )
         assert re.fullmatch(r"jwt:[0-9a-f]{16}", identity.client_id)
         assert "user-42" not in identity.client_id
         assert identity.tier == "trusted"
@@ -282,13 +313,20 @@ class TestDenyList:
         assert len(store) == 0
 
     async def test_deny_by_key_digest(
-        self, keyed_policy: Callable[[str], Snapshot], store: MemoryStore, clock: FakeClock,
+        self,
+        keyed_policy: Callable[[str], Snapshot],
+        store: MemoryStore,
+        clock: FakeClock,
         key_digest: KeyDigest,
     ) -> None:
         snapshot = keyed_policy(f"deny: {{key_sha256: ['{key_digest(OPS_KEY).upper()}']}}")
         core = _core(snapshot, store, clock)
         blocked = await core.decide(_request(key=OPS_KEY))
-        assert (blocked.action, blocked.status, blocked.reasons) == (Action.BLOCK, 403, ("deny_list",))
+        assert (blocked.action, blocked.status, blocked.reasons) == (
+            Action.BLOCK,
+            403,
+            ("deny_list",),
+        )
         assert (await core.decide(_request(key=ALICE_KEY))).action is Action.ALLOW
 
     async def test_address_outside_the_networks_is_allowed(
@@ -296,14 +334,18 @@ class TestDenyList:
     ) -> None:
         snapshot = keyed_policy("deny: {networks: ['198.51.100.0/24', '2001:db8::/32']}")
         for address in ("198.51.101.1", "::1", "garbage"):
-            assert (await _core(snapshot, store, clock).decide(_request(address))).action is Action.ALLOW
+            assert (
+                await _core(snapshot, store, clock).decide(_request(address))
+            ).action is Action.ALLOW
 
     async def test_ipv4_network_blocks_its_ipv4_mapped_form(
         self, keyed_policy: Callable[[str], Snapshot], store: MemoryStore, clock: FakeClock
     ) -> None:
         """An IPv4 deny network also covers the ``::ffff:`` form a dual-stack listener reports."""
         snapshot = keyed_policy("deny: {networks: ['198.51.100.0/24']}")
-        decision = await _core(snapshot, store, clock).decide(_request("[::ffff:198.51.100.7]:5000"))
+        decision = await _core(snapshot, store, clock).decide(
+            _request("[::ffff:198.51.100.7]:5000")
+        )
         assert decision.action is Action.BLOCK
 
     def test_in_networks_edges(self) -> None:
@@ -317,7 +359,9 @@ class TestInvalidKey:
     async def test_unknown_key_gets_401(
         self, keyed_policy: Callable[[str], Snapshot], store: MemoryStore, clock: FakeClock
     ) -> None:
-        decision = await _core(keyed_policy(""), store, clock).decide(_request(key="sk-stolen-guess"))
+        decision = await _core(keyed_policy(""), store, clock).decide(
+            _request(key="sk-stolen-guess")
+        )
         assert decision.action is Action.BLOCK
         assert decision.status == 401
         assert decision.reasons == ("invalid_api_key",)
@@ -347,7 +391,9 @@ class TestLevels:
         action: Action,
         status: int,
     ) -> None:
-        await store.set_level("key:alice", level=level, blocked=False, reason="test", now=clock(), ttl_s=None)
+        await store.set_level(
+            "key:alice", level=level, blocked=False, reason="test", now=clock(), ttl_s=None
+        )
         decision = await _core(keyed_policy(""), store, clock).decide(_request(key=ALICE_KEY))
         assert decision.action is action
         assert decision.status == status
@@ -359,7 +405,9 @@ class TestLevels:
         self, keyed_policy: Callable[[str], Snapshot], store: MemoryStore, clock: FakeClock
     ) -> None:
         snapshot = keyed_policy("levels: {elevated: throttle}\nretry_after_s: 17")
-        await store.set_level("key:alice", level="elevated", blocked=False, reason="", now=clock(), ttl_s=None)
+        await store.set_level(
+            "key:alice", level="elevated", blocked=False, reason="", now=clock(), ttl_s=None
+        )
         decision = await _core(snapshot, store, clock).decide(_request(key=ALICE_KEY))
         assert decision.action is Action.THROTTLE
         assert decision.status == 429
@@ -369,7 +417,9 @@ class TestLevels:
     async def test_operator_block(
         self, keyed_policy: Callable[[str], Snapshot], store: MemoryStore, clock: FakeClock
     ) -> None:
-        await store.set_level("key:ops", level=None, blocked=True, reason="abuse", now=clock(), ttl_s=None)
+        await store.set_level(
+            "key:ops", level=None, blocked=True, reason="abuse", now=clock(), ttl_s=None
+        )
         decision = await _core(keyed_policy(""), store, clock).decide(_request(key=OPS_KEY))
         assert decision.action is Action.BLOCK
         assert decision.status == 403
@@ -379,7 +429,9 @@ class TestLevels:
     async def test_block_flag_wins_over_a_mild_pinned_level(
         self, keyed_policy: Callable[[str], Snapshot], store: MemoryStore, clock: FakeClock
     ) -> None:
-        await store.set_level("key:ops", level="normal", blocked=True, reason="", now=clock(), ttl_s=None)
+        await store.set_level(
+            "key:ops", level="normal", blocked=True, reason="", now=clock(), ttl_s=None
+        )
         decision = await _core(keyed_policy(""), store, clock).decide(_request(key=OPS_KEY))
         assert decision.action is Action.BLOCK
         assert decision.reasons == ("operator_block", "pinned_normal")
@@ -387,7 +439,9 @@ class TestLevels:
     async def test_unreadable_pinned_level_is_normal(
         self, keyed_policy: Callable[[str], Snapshot], store: MemoryStore, clock: FakeClock
     ) -> None:
-        await store.set_level("key:ops", level="bogus", blocked=False, reason="", now=clock(), ttl_s=None)
+        await store.set_level(
+            "key:ops", level="bogus", blocked=False, reason="", now=clock(), ttl_s=None
+        )
         decision = await _core(keyed_policy(""), store, clock).decide(_request(key=OPS_KEY))
         assert decision.action is Action.ALLOW
         assert decision.level is RiskLevel.NORMAL
@@ -395,7 +449,9 @@ class TestLevels:
     async def test_lapsed_pin_no_longer_applies(
         self, keyed_policy: Callable[[str], Snapshot], store: MemoryStore, clock: FakeClock
     ) -> None:
-        await store.set_level("key:ops", level="abusive", blocked=False, reason="", now=clock(), ttl_s=60.0)
+        await store.set_level(
+            "key:ops", level="abusive", blocked=False, reason="", now=clock(), ttl_s=60.0
+        )
         core = _core(keyed_policy(""), store, clock)
         assert (await core.decide(_request(key=OPS_KEY))).action is Action.BLOCK
         clock.advance(61.0)
@@ -410,7 +466,9 @@ class TestStoreFailure:
     ) -> None:
         before = _store_errors()
         store = _FailingStore(clock=clock)
-        decision = await _core(keyed_policy("fail_modes: {store: allow}"), store, clock).decide(_request(key=ALICE_KEY))
+        decision = await _core(keyed_policy("fail_modes: {store: allow}"), store, clock).decide(
+            _request(key=ALICE_KEY)
+        )
         assert decision.action is Action.ALLOW
         assert decision.allowed
         assert decision.reasons == ("store_unavailable",)
@@ -420,7 +478,9 @@ class TestStoreFailure:
         self, keyed_policy: Callable[[str], Snapshot], clock: FakeClock
     ) -> None:
         store = _FailingStore(clock=clock)
-        decision = await _core(keyed_policy("fail_modes: {store: deny}"), store, clock).decide(_request(key=ALICE_KEY))
+        decision = await _core(keyed_policy("fail_modes: {store: deny}"), store, clock).decide(
+            _request(key=ALICE_KEY)
+        )
         assert decision.action is Action.BLOCK
         assert decision.status == 503
         assert decision.error == "store_unavailable"
@@ -472,15 +532,21 @@ class TestShadowMode:
     async def test_pinned_level_in_shadow(
         self, keyed_policy: Callable[[str], Snapshot], store: MemoryStore, clock: FakeClock
     ) -> None:
-        await store.set_level("key:alice", level="suspicious", blocked=False, reason="", now=clock(), ttl_s=None)
-        decision = await _core(keyed_policy("mode: shadow"), store, clock).decide(_request(key=ALICE_KEY))
+        await store.set_level(
+            "key:alice", level="suspicious", blocked=False, reason="", now=clock(), ttl_s=None
+        )
+        decision = await _core(keyed_policy("mode: shadow"), store, clock).decide(
+            _request(key=ALICE_KEY)
+        )
         assert decision.action is Action.CHALLENGE
         assert (decision.enforced, decision.allowed) == (False, True)
 
     async def test_invalid_key_in_shadow(
         self, keyed_policy: Callable[[str], Snapshot], store: MemoryStore, clock: FakeClock
     ) -> None:
-        decision = await _core(keyed_policy("mode: shadow"), store, clock).decide(_request(key="sk-nope"))
+        decision = await _core(keyed_policy("mode: shadow"), store, clock).decide(
+            _request(key="sk-nope")
+        )
         assert decision.error == "invalid_api_key"
         assert (decision.enforced, decision.allowed) == (False, True)
 

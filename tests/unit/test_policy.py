@@ -60,7 +60,10 @@ class TestDefaultPolicy:
     def test_default_outputs_reduce_detail_below_trusted(self) -> None:
         """anonymous rounds to 2 decimals, free to 3, trusted passes answers through."""
         tiers = load_default().policy.tiers
-        assert (tiers["anonymous"].output.policy, tiers["anonymous"].output.decimals) == ("round", 2)
+        assert (tiers["anonymous"].output.policy, tiers["anonymous"].output.decimals) == (
+            "round",
+            2,
+        )
         assert (tiers["free"].output.policy, tiers["free"].output.decimals) == ("round", 3)
         assert tiers["trusted"].output.policy == "passthrough"
 
@@ -118,7 +121,9 @@ class TestValidationErrors:
                 - {name: alice, sha256: not-a-digest, tier: free}
             """,
         )
-        assert problems == ["identity.api_keys[0].sha256: must be the 64-character hex SHA-256 of the key"]
+        assert problems == [
+            "identity.api_keys[0].sha256: must be the 64-character hex SHA-256 of the key"
+        ]
 
     def test_unknown_top_level_field(self, policy_from_text: PolicyFromText) -> None:
         problems = _problems(policy_from_text, "tierz: {}\n")
@@ -140,7 +145,9 @@ class TestValidationErrors:
         )
         assert problems == ["identity.api_keys[1].tier: unknown tier 'gold'"]
 
-    def test_duplicate_key_digest_is_refused_case_insensitively(self, policy_from_text: PolicyFromText) -> None:
+    def test_duplicate_key_digest_is_refused_case_insensitively(
+        self, policy_from_text: PolicyFromText
+    ) -> None:
         """Two entries with the same digest (one upper-case) would make a key's name ambiguous."""
         problems = _problems(
             policy_from_text,
@@ -164,9 +171,13 @@ class TestValidationErrors:
 
     @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
     def test_document_must_be_a_mapping(self, policy_from_text: PolicyFromText, text: str) -> None:
-        assert _problems(policy_from_text, text) == ["the document must be a mapping of policy sections"]
+        assert _problems(policy_from_text, text) == [
+            "the document must be a mapping of policy sections"
+        ]
 
-    def test_bad_action_in_levels_lists_the_valid_ones(self, policy_from_text: PolicyFromText) -> None:
+    def test_bad_action_in_levels_lists_the_valid_ones(
+        self, policy_from_text: PolicyFromText
+    ) -> None:
         problems = _problems(policy_from_text, "levels: {elevated: smite}\n")
         assert len(problems) == 1
         assert problems[0].startswith("levels.elevated: unknown action 'smite'")
@@ -258,7 +269,9 @@ class TestKeysFile:
         keys = write_file("keys.yaml", "api_keys: []\n")
         policy_path = write_file("policy.yaml", "identity: {keys_file: keys.yaml}\n")
         before = load_policy(policy_path).digest
-        keys.write_text(f"api_keys:\n  - {{name: bob, sha256: '{DIGEST_B}', tier: free}}\n", "utf-8")
+        keys.write_text(
+            f"api_keys:\n  - {{name: bob, sha256: '{DIGEST_B}', tier: free}}\n", "utf-8"
+        )
         assert load_policy(policy_path).digest != before
 
 
@@ -278,7 +291,9 @@ class TestRoutesAndDenyList:
         assert route is not None
         assert route.dialect == dialect
 
-    @pytest.mark.parametrize("path", ["/", "/healthz", "/v1/model/iris", "/api/v1/models/iris", "/v3/models/x"])
+    @pytest.mark.parametrize(
+        "path", ["/", "/healthz", "/v1/model/iris", "/api/v1/models/iris", "/v3/models/x"]
+    )
     def test_other_paths_are_not_protected(self, path: str) -> None:
         assert load_default().policy.route_for(path) is None
 
@@ -301,19 +316,25 @@ class TestRoutesAndDenyList:
         ]
 
     def test_deny_networks_parse_v4_and_v6_cidrs(self, policy_from_text: PolicyFromText) -> None:
-        deny = policy_from_text("deny: {networks: ['10.0.0.0/8', '2001:db8::/32', '192.0.2.7']}\n").policy.deny
+        deny = policy_from_text(
+            "deny: {networks: ['10.0.0.0/8', '2001:db8::/32', '192.0.2.7']}\n"
+        ).policy.deny
         assert deny.networks == (
             ipaddress.ip_network("10.0.0.0/8"),
             ipaddress.ip_network("2001:db8::/32"),
             ipaddress.ip_network("192.0.2.7/32"),
         )
 
-    def test_deny_network_that_is_not_a_cidr_is_refused(self, policy_from_text: PolicyFromText) -> None:
+    def test_deny_network_that_is_not_a_cidr_is_refused(
+        self, policy_from_text: PolicyFromText
+    ) -> None:
         problems = _problems(policy_from_text, "deny: {networks: ['not-a-net']}\n")
         assert problems
         assert all(p.startswith("deny.networks[0]: ") for p in problems)
 
-    def test_deny_key_digests_are_lowered_and_checked(self, policy_from_text: PolicyFromText) -> None:
+    def test_deny_key_digests_are_lowered_and_checked(
+        self, policy_from_text: PolicyFromText
+    ) -> None:
         deny = policy_from_text(f"deny: {{key_sha256: ['{DIGEST_A.upper()}']}}\n").policy.deny
         assert deny.key_sha256 == frozenset({DIGEST_A})
         problems = _problems(policy_from_text, "deny: {key_sha256: ['abc']}\n")
@@ -327,7 +348,9 @@ _POLICY_V2 = "retry_after_s: 45\n"
 class TestHotReload:
     """PolicyHolder swaps the snapshot on a valid change and keeps the old one on a bad one."""
 
-    def test_valid_edit_applies_and_is_counted(self, write_file: WriteFile, clock: FakeClock) -> None:
+    def test_valid_edit_applies_and_is_counted(
+        self, write_file: WriteFile, clock: FakeClock
+    ) -> None:
         path = write_file("policy.yaml", _POLICY_V1)
         holder = PolicyHolder(path, clock=clock)
         assert holder.current.policy.retry_after_s == 30
@@ -338,7 +361,9 @@ class TestHotReload:
         assert holder.current.policy.retry_after_s == 45
         assert _metric("extauthz_policy_reloads_total") == reloads + 1
 
-    def test_invalid_edit_keeps_the_old_snapshot(self, write_file: WriteFile, clock: FakeClock) -> None:
+    def test_invalid_edit_keeps_the_old_snapshot(
+        self, write_file: WriteFile, clock: FakeClock
+    ) -> None:
         path = write_file("policy.yaml", _POLICY_V1)
         holder = PolicyHolder(path, clock=clock)
         before = holder.current
@@ -351,7 +376,9 @@ class TestHotReload:
         assert _metric("extauthz_policy_reload_errors_total") == errors + 1
         assert _metric("extauthz_policy_reloads_total") == reloads
 
-    def test_bad_file_is_counted_once_then_a_fix_applies(self, write_file: WriteFile, clock: FakeClock) -> None:
+    def test_bad_file_is_counted_once_then_a_fix_applies(
+        self, write_file: WriteFile, clock: FakeClock
+    ) -> None:
         """A bad file is not re-parsed (and re-counted) every poll; the next good edit applies."""
         path = write_file("policy.yaml", _POLICY_V1)
         holder = PolicyHolder(path, clock=clock)
@@ -405,13 +432,16 @@ class TestHotReload:
         holder = PolicyHolder(path, clock=clock)
         assert holder.current.keys_by_sha256 == {}
         keys.write_text(
-            f"api_keys:\n  - {{name: bob, sha256: '{key_digest('bob-key')}', tier: trusted}}\n", "utf-8"
+            f"api_keys:\n  - {{name: bob, sha256: '{key_digest('bob-key')}', tier: trusted}}\n",
+            "utf-8",
         )
         _bump_mtime(keys)
         assert holder.reload_if_changed() is True
         assert holder.current.keys_by_sha256[key_digest("bob-key")].name == "bob"
 
-    def test_deleted_file_keeps_the_old_snapshot(self, write_file: WriteFile, clock: FakeClock) -> None:
+    def test_deleted_file_keeps_the_old_snapshot(
+        self, write_file: WriteFile, clock: FakeClock
+    ) -> None:
         path = write_file("policy.yaml", _POLICY_V1)
         holder = PolicyHolder(path, clock=clock)
         before = holder.current
@@ -431,7 +461,9 @@ class TestHotReload:
         with pytest.raises(PolicyError):
             PolicyHolder(path, clock=clock)
 
-    def test_load_time_gauge_follows_the_injected_clock(self, write_file: WriteFile, clock: FakeClock) -> None:
+    def test_load_time_gauge_follows_the_injected_clock(
+        self, write_file: WriteFile, clock: FakeClock
+    ) -> None:
         path = write_file("policy.yaml", _POLICY_V1)
         holder = PolicyHolder(path, clock=clock)
         assert _metric("extauthz_policy_loaded_timestamp_seconds") == clock()

@@ -62,7 +62,9 @@ class TestSources:
         assert isinstance(settings.policy_path, Path)
         assert settings.log_format == "console"
 
-    def test_process_environment_is_the_default_source(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_process_environment_is_the_default_source(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         monkeypatch.setenv("EXTAUTHZ_HTTP_PORT", "9300")
         assert from_env({}).http_port == 9300
 
@@ -70,7 +72,9 @@ class TestSources:
         environ = {"EXTAUTHZ_GRPC_PORT": "7000", "EXTAUTHZ_DECISION_BUDGET_MS": "20"}
         settings = from_env({"grpc_port": 7100, "decision_budget_ms": None}, environ)
         assert settings.grpc_port == 7100
-        assert settings.decision_budget_ms == 20.0  # a flag left unset (None) defers to the variable
+        assert (
+            settings.decision_budget_ms == 20.0
+        )  # a flag left unset (None) defers to the variable
 
     def test_empty_variable_is_ignored(self) -> None:
         assert from_env({}, {"EXTAUTHZ_GRPC_PORT": ""}).grpc_port == 9191
