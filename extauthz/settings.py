@@ -43,8 +43,9 @@ class Settings:
 
     @property
     def grpc_max_message_bytes(self) -> int:
-        """gRPC message limit: the largest body plus room for headers and framing."""
-        return self.max_message_bytes + MIB
+        """gRPC message limit: above Envoy's buffer (the largest body + 2 MiB in envoy/envoy.yaml),
+        so a body Envoy lets through reaches the guard and gets a clear 413, not a stream error."""
+        return self.max_message_bytes + 4 * MIB
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting that cannot work."""

@@ -319,3 +319,21 @@ class TestPolicyReload:
             reloads = e2e.guard_log().count("policy_reloaded")
             e2e.policy_path.write_text(POLICY)
             assert _wait_for(lambda: e2e.guard_log().count("policy_reloaded") > reloads)
+
+
+class TestSizeLimits:
+    """Envoy's buffers and the guard's limits are sized together: over 8 MiB is a clear 413."""
+
+    def test_body_over_the_guard_limit_but_inside_envoys_buffer_gets_413_json(
+        self, e2e: E2E
+    ) -> None:
+        row = json.dumps(_rows(1)[0])
+        count = 9 * 1024 * 1024 // len(row) + 1
+        body = ('{"instances": [' + ",".join([row] * count) + "]}").encode()
+        assert 8 * 1024 * 1024 < len(body) < 10 * 1024 * 1024
+        with Client(e2e.port, source="127.0.0.20") as http:
+            reply = http.post(
+                KSERVE, body, headers={"content-type": "application/json", "x-api-key": TRUSTED_KEY}
+            )
+        assert reply.status == 413
+        assert reply.json()["error"] == "body_too_large"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,6 +27,21 @@ def free_port() -> int:
         return port
 
 
+def cluster_port() -> int:
+    """Return a free port P with P + 10000 free too: a cluster node also listens on its bus port,
+    and Redis refuses ports above 55535 for that reason."""
+    for _ in range(200):
+        port = random.randint(20_000, 45_000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 def redis_server_binary() -> str:
     """Return the redis-server path; a missing binary fails under CI=true, else skips."""
     path = shutil.which("redis-server")
@@ -46,10 +62,10 @@ class RedisProcess:
     url: str
 
 
-def start_redis(workdir: Path, *extra: str) -> RedisProcess:
+def start_redis(workdir: Path, *extra: str, port: int | None = None) -> RedisProcess:
     """Start redis-server on a free port without persistence and wait until it answers PING."""
     binary = redis_server_binary()
-    port = free_port()
+    port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log = open(workdir / f"redis-{port}.log", "wb")  # noqa: SIM115 - kept open for the child
     process = subprocess.Popen(
@@ -133,7 +149,12 @@ def redis_cluster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     """
     workdir = tmp_path_factory.mktemp("redis-cluster")
     server = start_redis(
-        workdir, "--cluster-enabled", "yes", "--cluster-config-file", str(workdir / "nodes.conf")
+        workdir,
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        str(workdir / "nodes.conf"),
+        port=cluster_port(),
     )
     try:
         with redis.Redis(host="127.0.0.1", port=server.port) as client:
