@@ -143,15 +143,18 @@ class DecisionCore:
         self, identity: Identity, *, requests: int, instances: int
     ) -> ClientRecord | None:
         """Add to the client's counters within the decision budget; ``None`` when the store failed."""
+        record = self._store.record(
+            identity.client_id,
+            tier=identity.tier,
+            requests=requests,
+            instances=instances,
+            now=self._clock(),
+        )
         try:
+            if getattr(self._store, "self_bounded", False):
+                return await record
             async with asyncio.timeout(self._budget_s):
-                return await self._store.record(
-                    identity.client_id,
-                    tier=identity.tier,
-                    requests=requests,
-                    instances=instances,
-                    now=self._clock(),
-                )
+                return await record
         except (StoreError, TimeoutError) as exc:
             metrics.ERRORS.labels("store_unavailable").inc()
             log.warning("store_unavailable", error=type(exc).__name__, detail=str(exc)[:200])

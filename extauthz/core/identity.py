@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Mapping
@@ -74,6 +75,7 @@ def identify(request: RequestInfo, snapshot: Snapshot) -> Identity:
     return Identity(f"ip:{address}", policy.identity.anonymous_tier, "anonymous", address=address)
 
 
+@functools.lru_cache(maxsize=65_536)
 def normalize_address(text: str) -> str:
     """Return the bare IP of ``text`` (``1.2.3.4:5678``, ``[::1]:80``, ``::1``), or ``unknown``."""
     text = text.strip()

@@ -66,6 +66,8 @@ class MemoryStore:
     blocks or awaits.
     """
 
+    self_bounded = True  # never waits: every method runs to completion at once
+
     def __init__(
         self,
         *,

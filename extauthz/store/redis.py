@@ -155,6 +155,8 @@ class RedisStore:
     (one round trip of latency, two commands, and one hot registry key to watch).
     """
 
+    self_bounded = True  # every call runs under asyncio.timeout(timeout_s) and socket timeouts
+
     def __init__(
         self,
         client: Redis | RedisCluster,

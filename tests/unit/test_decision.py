@@ -95,6 +95,8 @@ class _FailingStore(MemoryStore):
 class _SlowStore(MemoryStore):
     """A store whose ``record`` answers long after any decision budget."""
 
+    self_bounded = False  # it waits without a timeout of its own, so the core must bound it
+
     async def record(
         self, client_id: str, *, tier: str, requests: int, instances: int, now: float
     ) -> ClientRecord:

@@ -28,7 +28,8 @@ class TestDefaults:
     def test_grpc_limit_leaves_room_above_the_largest_body(self) -> None:
         settings = from_env({"max_message_bytes": 2048}, {})
         assert settings.grpc_max_message_bytes > settings.max_message_bytes
-        assert Settings().grpc_max_message_bytes == 8 * MIB + MIB
+        # Above Envoy's 10 MiB buffer (envoy/envoy.yaml), so every body Envoy passes reaches the guard.
+        assert Settings().grpc_max_message_bytes > 10 * MIB
 
     def test_settings_are_frozen(self) -> None:
         settings = Settings()
