@@ -124,46 +124,29 @@ class TestStartupErrors:
         ],
     )
     def test_bad_settings_exit_2_with_a_reason(self, args: list[str], message: str) -> None:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "extauthz",
-                "serve",
-                "--grpc-port",
-                "0",
-                "--http-port",
-                "0",
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=stack.python_env(),
-        )
+        result = _serve(*args)
         assert result.returncode == 2
         assert message in result.stderr
 
     def test_invalid_policy_names_the_yaml_path(self, tmp_path: Path) -> None:
         policy = tmp_path / "policy.yaml"
         policy.write_text("tiers: {anonymous: {max_instances: 0}}\n")
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "extauthz",
-                "serve",
-                "--policy",
-                str(policy),
-                "--grpc-port",
-                "0",
-                "--http-port",
-                "0",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=stack.python_env(),
-        )
+        result = _serve("--policy", str(policy))
         assert result.returncode == 2
         assert "tiers.anonymous.max_instances" in result.stderr
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``extauthz serve`` on free ports with ``args``; it is expected to exit at once."""
+    argv = [
+        sys.executable,
+        "-m",
+        "extauthz",
+        "serve",
+        "--grpc-port",
+        "0",
+        "--http-port",
+        "0",
+        *args,
+    ]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, env=stack.python_env())
