@@ -39,7 +39,7 @@ deny:
 """
 
 
-def _require_envoy() -> None:
+def require_envoy() -> None:
     try:
         stack.envoy_binary()
     except FileNotFoundError as exc:
@@ -79,7 +79,7 @@ class E2E:
 
 @pytest.fixture(scope="session")
 def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
-    _require_envoy()
+    require_envoy()
     workdir = tmp_path_factory.mktemp("e2e-stack")
     policy_path = workdir / "policy.yaml"
     policy_path.write_text(POLICY)
