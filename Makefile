@@ -37,7 +37,7 @@ test-integration: $(STAMP) redis
 test-e2e: $(STAMP)
 	$(BIN)/python -m pytest -q tests/e2e
 
-bench: $(STAMP) wrk
+bench: $(STAMP) wrk redis
 	$(BIN)/python -m tests.bench.run_bench $(BENCH_ARGS)
 
 proto: $(STAMP)

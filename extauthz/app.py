@@ -37,6 +37,17 @@ SERVICE_NAMES = (
 )
 
 
+REDIS_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+cluster://",
+    "rediss+cluster://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+)
+
+
 def create_store(settings: Settings, clock: Callable[[], float]) -> Store:
     """Return the store named by ``settings.store_url``: ``memory`` or a Redis URL."""
     if settings.store_url == "memory":
@@ -45,9 +56,7 @@ def create_store(settings: Settings, clock: Callable[[], float]) -> Store:
         return MemoryStore(
             max_clients=settings.memory_max_clients, ttl_s=settings.client_ttl_s, clock=clock
         )
-    if settings.store_url.startswith(
-        ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
-    ):
+    if settings.store_url.startswith(REDIS_SCHEMES):
         from extauthz.store.redis import RedisStore
 
         return RedisStore.from_url(
@@ -56,7 +65,10 @@ def create_store(settings: Settings, clock: Callable[[], float]) -> Store:
             ttl_s=settings.client_ttl_s,
             clock=clock,
         )
-    raise ValueError(f"store_url: expected 'memory' or a redis:// URL, got {settings.store_url!r}")
+    schemes = ", ".join(REDIS_SCHEMES)
+    raise ValueError(
+        f"store_url: expected 'memory' or a URL starting {schemes}; got {settings.store_url!r}"
+    )
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -107,8 +119,19 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
     """Start the gRPC and HTTP servers; ports 0 pick free ones (see ``Guard.grpc_port``)."""
     policy = PolicyHolder(settings.policy_path, clock=clock)
     store = create_store(settings, clock)
+    # fail_modes.store: local decides limits here when the shared store is down.
+    from extauthz.store.memory import MemoryStore
+
+    local = MemoryStore(
+        max_clients=settings.memory_max_clients, ttl_s=settings.client_ttl_s, clock=clock
+    )
     core = DecisionCore(
-        lambda: policy.current, store, clock=clock, budget_s=settings.decision_budget_s
+        lambda: policy.current,
+        store,
+        clock=clock,
+        budget_s=settings.decision_budget_s,
+        local_store=local,
+        replicas=settings.replicas,
     )
     readiness = Readiness()
 

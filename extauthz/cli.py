@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "tls_key_file": args.tls_key,
                 "tls_client_ca_file": args.tls_client_ca,
                 "drain_s": args.drain_s,
+                "replicas": args.replicas,
                 "reload_interval_s": args.reload_interval_s,
                 "log_level": args.log_level,
                 "log_format": args.log_format,
@@ -138,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-bytes", type=int, help="largest model body (default 8 MiB)")
     serve.add_argument(
         "--admin-token-file", type=Path, help="file with the admin API's bearer token"
+    )
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        help="guard replicas sharing the store (divides budgets in local mode)",
     )
     serve.add_argument(
         "--tls-cert", type=Path, help="serve gRPC over TLS with this certificate (PEM)"

@@ -35,6 +35,9 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     memory_max_clients: int = 100_000
+    # Guard replicas sharing the store: under fail_modes.store: local each replica enforces
+    # 1/replicas of every budget on its own.
+    replicas: int = 1
     client_ttl_s: float = 86_400.0
 
     @property
@@ -64,6 +67,8 @@ class Settings:
             raise ValueError("log_format: must be 'json' or 'console'")
         if self.reload_interval_s <= 0 or self.drain_s < 0:
             raise ValueError("reload_interval_s must be positive and drain_s not negative")
+        if self.replicas < 1:
+            raise ValueError("replicas: must be at least 1")
         if self.memory_max_clients < 1 or self.client_ttl_s <= 0:
             raise ValueError("memory_max_clients and client_ttl_s must be positive")
         if self.policy_path is not None and not self.policy_path.is_file():

@@ -1,6 +1,6 @@
 """The behaviour every ``Store`` implementation must show, as a reusable test class.
 
-Subclass ``StoreContract`` in a test module (as ``Test...``) and provide four fixtures:
+Subclass ``StoreContract`` (and ``LimitsContract``, below) in a test module (as ``Test...``) and provide four fixtures:
 
 - ``clock``: a ``FakeClock`` that the stores read, and that tests pass as ``now``;
 - ``make_store``: an async factory ``(ttl_s) -> Store`` that closes its stores after the test;
@@ -12,10 +12,11 @@ Subclass ``StoreContract`` in a test module (as ``Test...``) and provide four fi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
+from extauthz.core.limiter import ChargeMode, LimitCharge, LimitState, evaluate
 from extauthz.store.base import Store
 
 MakeStore = Callable[..., Awaitable[Store]]
@@ -267,3 +268,177 @@ class StoreContract:
     async def test_ping_answers(self, store: Store) -> None:
         """ping() is True while the store is up."""
         assert await store.ping() is True
+
+
+LimitTtl = Callable[[Store, str, str], Awaitable[float | None]]
+
+DAY_S = 86_400.0
+
+
+def daily(
+    tag: str, name: str, per_day: int, cost: int = 1, mode: ChargeMode = ChargeMode.CHARGE
+) -> LimitCharge:
+    """A quota of ``per_day`` units per day, all spendable at once."""
+    return LimitCharge(tag, name, DAY_S / per_day, per_day, cost, mode)
+
+
+class Reference:
+    """``core.limiter.evaluate`` driven by hand: the answers every store must give."""
+
+    def __init__(self) -> None:
+        self.tats: dict[tuple[str, str], float] = {}
+
+    def charge(self, limits: Sequence[LimitCharge], now: float) -> list[LimitState]:
+        keys = [(c.tag, c.name) for c in limits]
+        states, new_tats = evaluate([self.tats.get(k, now) for k in keys], limits, now)
+        self.tats.update(zip(keys, new_tats, strict=True))
+        return states
+
+
+class LimitsContract:
+    """Limits charged through ``Store.record`` answer as ``core.limiter.evaluate`` does.
+
+    Subclass it (as ``Test...``) with the fixtures of ``StoreContract`` (``make_store``,
+    ``clock``) plus:
+
+    - ``limit_ttl``: an async ``(store, tag, name) -> seconds`` that the limit's state will
+      last (``math.inf`` for no expiry, ``None`` when the store holds none);
+    - ``clock_slack_s``: how far the store's limit clock may be from ``clock()`` over a
+      test (0 when it uses ``now``; Redis uses its own TIME). Windows are days long so
+      that allowed and remaining never depend on that slack; times are compared within it.
+
+    All-or-nothing is only required within one slot of a Redis Cluster, so every test
+    whose request is refused keeps its limits on one tag.
+    """
+
+    @pytest.fixture
+    async def store(self, make_store: MakeStore) -> Store:
+        return await make_store(ttl_s=LONG_TTL_S)
+
+    async def _charge(
+        self, store: Store, clock: FakeClock, limits: Sequence[LimitCharge], client: str = "alice"
+    ) -> list[LimitState]:
+        record = await store.record(
+            client, tier="free", requests=1, instances=1, now=clock(), limits=limits
+        )
+        assert len(record.limits) == len(limits)
+        return list(record.limits)
+
+    @staticmethod
+    def _assert_same(got: Sequence[LimitState], want: Sequence[LimitState], slack_s: float) -> None:
+        assert [(s.allowed, s.remaining) for s in got] == [(s.allowed, s.remaining) for s in want]
+        for g, w in zip(got, want, strict=True):
+            assert g.reset_s == pytest.approx(w.reset_s, abs=slack_s)
+            assert g.retry_after_s == pytest.approx(w.retry_after_s, abs=slack_s)
+
+    async def test_a_sequence_of_charges_matches_evaluate(
+        self, store: Store, clock: FakeClock, clock_slack_s: float
+    ) -> None:
+        """Client, address and subnet limits in every mode give evaluate()'s answers, in order."""
+        client, address, subnet = "c:alice", "a:203.0.113.7", "n:203.0.113.0/24"
+        rounds: list[list[LimitCharge]] = [
+            [
+                daily(client, "day", 20, 3),
+                daily(address, "day", 30, 5),
+                daily(subnet, "day", 50, 5),
+            ],
+            [daily(client, "day", 20, 3), daily(client, "tokens", 100, 40, ChargeMode.FORCE)],
+            [daily(address, "day", 30, 20), daily(subnet, "day", 50, 1, ChargeMode.PROBE)],
+            # Refusals below stay on one tag (one cluster slot): all-or-nothing there.
+            [daily(address, "day", 30, 10), daily(address, "hour", 5, 1)],
+            [daily(client, "day", 20, 3), daily(client, "tokens", 100, 90, ChargeMode.FORCE)],
+            [daily(client, "tokens", 100, 1, ChargeMode.PROBE), daily(client, "day", 20, 1)],
+            [daily(client, "day", 20, 30)],
+            # Exactly the 10 units left.
+            [daily(client, "day", 20, 10), daily(address, "day", 30, 4)],
+        ]
+        reference = Reference()
+        for limits in rounds:
+            want = reference.charge(limits, clock())
+            got = await self._charge(store, clock, limits)
+            self._assert_same(got, want, clock_slack_s)
+            clock.advance(1.0)
+        # Sanity of the sequence itself: it refused something and took something.
+        assert reference.tats[(client, "day")] > clock()
+
+    async def test_a_refused_limit_takes_nothing_from_the_others(
+        self, store: Store, clock: FakeClock, clock_slack_s: float
+    ) -> None:
+        """When one limit refuses, the others keep their budget and report it untaken."""
+        day, hour = daily("c:alice", "day", 10, 2), daily("c:alice", "hour", 3, 2)
+        probe = daily("c:alice", "day", 10, 1, ChargeMode.PROBE)
+        reference = Reference()
+        first = await self._charge(store, clock, [day, hour])
+        self._assert_same(first, reference.charge([day, hour], clock()), clock_slack_s)
+        assert [s.allowed for s in first] == [True, True]
+        second = await self._charge(store, clock, [day, hour])
+        self._assert_same(second, reference.charge([day, hour], clock()), clock_slack_s)
+        assert [s.allowed for s in second] == [True, False]
+        # The day limit reports what the probe sees: as if the second request took nothing.
+        after = await self._charge(store, clock, [probe])
+        self._assert_same(after, reference.charge([probe], clock()), clock_slack_s)
+        assert after[0].remaining == second[0].remaining
+        assert after[0].reset_s == pytest.approx(first[0].reset_s, abs=clock_slack_s)
+
+    async def test_force_goes_into_debt_and_probe_refuses_until_repaid(
+        self, store: Store, clock: FakeClock, clock_slack_s: float
+    ) -> None:
+        """1 000 tokens per 30 days: 1 500 forced; probes are then refused for ~15 days."""
+        interval = 30 * DAY_S / 1000
+        force = LimitCharge("c:alice", "tokens", interval, 1000, 1500, ChargeMode.FORCE)
+        probe = LimitCharge("c:alice", "tokens", interval, 1000, 1, ChargeMode.PROBE)
+        reference = Reference()
+        before, forced, after = [
+            await self._charge(store, clock, limits) for limits in ([probe], [force], [probe])
+        ]
+        for got, limits in zip((before, forced, after), ([probe], [force], [probe]), strict=True):
+            self._assert_same(got, reference.charge(limits, clock()), clock_slack_s)
+        assert before[0].allowed and before[0].reset_s == 0.0
+        assert forced[0].allowed and forced[0].remaining == 0
+        assert forced[0].reset_s == pytest.approx(1500 * interval, abs=clock_slack_s)
+        assert not after[0].allowed and after[0].remaining == 0
+        assert after[0].retry_after_s == pytest.approx(501 * interval, abs=clock_slack_s)
+
+    async def test_state_lasts_as_long_as_its_tat(
+        self, make_store: MakeStore, clock: FakeClock, limit_ttl: LimitTtl
+    ) -> None:
+        """A limit's state lasts at least until its TAT, beyond the (short) client TTL;
+        probes and refusals on an unused limit store nothing."""
+        store = await make_store(ttl_s=60.0)
+        interval = 30 * DAY_S / 1000
+        force = LimitCharge("c:alice", "tokens", interval, 1000, 1500, ChargeMode.FORCE)
+        forced = await self._charge(store, clock, [force])
+        ttl = await limit_ttl(store, "c:alice", "tokens")
+        assert ttl is not None and ttl >= forced[0].reset_s > DAY_S
+        probe = daily("a:203.0.113.7", "day", 100, 1, ChargeMode.PROBE)
+        refused = daily("a:203.0.113.7", "hour", 5, 6)
+        states = await self._charge(store, clock, [probe, refused])
+        assert [s.allowed for s in states] == [True, False]
+        assert await limit_ttl(store, "a:203.0.113.7", "day") is None
+        assert await limit_ttl(store, "a:203.0.113.7", "hour") is None
+
+    async def test_concurrent_charges_admit_exactly_the_quota(
+        self, store: Store, clock: FakeClock
+    ) -> None:
+        """60 concurrent requests against a quota of 25: exactly 25 pass, each a distinct unit."""
+        limit = [daily("c:alice", "day", 25)]
+        records = await asyncio.gather(
+            *(
+                store.record(
+                    "alice", tier="free", requests=1, instances=1, now=clock(), limits=limit
+                )
+                for _ in range(60)
+            )
+        )
+        reference = Reference()
+        sequential = [reference.charge(limit, clock())[0] for _ in range(60)]
+        admitted = [r.limits[0].remaining for r in records if r.limits[0].allowed]
+        assert len(admitted) == 25
+        # Each admitted request saw a different count, the ones sequential requests see.
+        assert sorted(admitted) == sorted(s.remaining for s in sequential if s.allowed)
+        assert max(r.requests for r in records) == 60, sorted(r.requests for r in records)
+
+    async def test_record_without_limits_has_none(self, store: Store, clock: FakeClock) -> None:
+        """record() without limits returns an empty ``limits``."""
+        record = await store.record("alice", tier="free", requests=1, instances=1, now=clock())
+        assert record.limits == ()

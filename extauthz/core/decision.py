@@ -1,30 +1,50 @@
 """The one decision core shared by Check and ext_proc's request_headers.
 
-identity -> deny list -> store (bounded by the decision budget) -> risk level -> action.
-Pure of grpc and redis: the store is a Protocol and the clock is injected.
+identity -> deny list -> store + limits (one round trip, bounded by the decision budget)
+-> risk level -> action. Pure of grpc and redis: the store is a Protocol, the clock injected.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
 
 from extauthz.core.identity import Identity, RequestInfo, identify, in_networks
+from extauthz.core.limiter import (
+    AppliedLimit,
+    ChargeMode,
+    LimitCharge,
+    scaled,
+    subject_tag,
+)
 from extauthz.core.risk import Action, RiskLevel
 from extauthz.policy.loader import Snapshot
+from extauthz.policy.model import Limit
 from extauthz.store.base import ClientRecord, Store, StoreError
 from extauthz.telemetry import metrics
 
 log = structlog.get_logger("extauthz.decision")
 
+# What each path charges of each unit: Check and request_headers take one request and only
+# look at the instance and token budgets; request_body takes the instances; the answer's
+# usage takes the tokens, whatever is left.
+REQUEST_PHASE = {
+    "requests": ChargeMode.CHARGE,
+    "instances": ChargeMode.PROBE,
+    "tokens": ChargeMode.PROBE,
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     """A verdict with its reasons. ``enforced`` is False in shadow mode, where the
-    service allows whatever ``action`` says and only logs it."""
+    service allows whatever ``action`` says and only logs it. ``limits`` are the limits
+    applied with it (for RateLimit fields); ``refused_by`` the one that refused."""
 
     action: Action
     identity: Identity
@@ -33,6 +53,8 @@ class Decision:
     status: int = 200
     retry_after_s: int = 0
     enforced: bool = True
+    limits: tuple[AppliedLimit, ...] = ()
+    refused_by: AppliedLimit | None = None
 
     @property
     def allowed(self) -> bool:
@@ -42,6 +64,15 @@ class Decision:
     def error(self) -> str:
         """The stable code shown to the client in a refusal body."""
         return self.reasons[0] if self.reasons else self.action.value
+
+
+@dataclass(frozen=True, slots=True)
+class Charged:
+    """What the store said about a charge: the record (None when the store failed and the
+    policy has no local fallback) and whether the store failed."""
+
+    record: ClientRecord | None
+    degraded: bool = False
 
 
 _STATUS = {Action.ALLOW: 200, Action.THROTTLE: 429, Action.CHALLENGE: 401, Action.BLOCK: 403}
@@ -57,11 +88,17 @@ class DecisionCore:
         *,
         clock: Callable[[], float],
         budget_s: float,
+        local_store: Store | None = None,
+        replicas: int = 1,
     ) -> None:
+        """``local_store`` holds the per-replica limits of ``fail_modes.store: local``, whose
+        budgets are divided by ``replicas``."""
         self._policy = policy
         self._store = store
         self._clock = clock
         self._budget_s = budget_s
+        self._local = local_store
+        self._replicas = max(1, replicas)
 
     @property
     def store(self) -> Store:
@@ -71,7 +108,7 @@ class DecisionCore:
         return self._policy()
 
     async def decide(self, request: RequestInfo, *, snapshot: Snapshot | None = None) -> Decision:
-        """Return the verdict for ``request`` and charge it to the client's record."""
+        """Return the verdict for ``request``, charging it to the client's record and limits."""
         snapshot = snapshot or self._policy()
         policy = snapshot.policy
         identity = identify(request, snapshot)
@@ -87,15 +124,22 @@ class DecisionCore:
             or in_networks(identity.address, deny.networks)
         ):
             return self.verdict(Action.BLOCK, identity, RiskLevel.ABUSIVE, ("deny_list",), snapshot)
-        record = await self.charge(identity, requests=1, instances=0)
+        limits = self.limits_for(identity, snapshot, REQUEST_PHASE, cost=1)
+        charged = await self.charge(
+            identity, requests=1, instances=0, limits=limits, snapshot=snapshot
+        )
+        record = charged.record
         if record is None:
             reasons = ("store_unavailable",)
-            if policy.fail_modes.store == "deny":
+            if policy.fail_modes.store == "fail_closed":
                 return self.verdict(
                     Action.BLOCK, identity, RiskLevel.NORMAL, reasons, snapshot, status=503
                 )
             return self.verdict(Action.ALLOW, identity, RiskLevel.NORMAL, reasons, snapshot)
-        return self.judge(identity, record, snapshot)
+        decision = self.judge(identity, record, snapshot)
+        if charged.degraded:
+            decision = _with(decision, reasons=(*decision.reasons, "store_unavailable"))
+        return self.apply_limits(decision, limits, record, snapshot)
 
     def judge(self, identity: Identity, record: ClientRecord, snapshot: Snapshot) -> Decision:
         """Turn a client's record into a verdict (no I/O)."""
@@ -115,6 +159,67 @@ class DecisionCore:
             )
         action = snapshot.policy.levels.action_for(level)
         return self.verdict(action, identity, level, tuple(reasons), snapshot)
+
+    def apply_limits(
+        self,
+        decision: Decision,
+        limits: Sequence[tuple[Limit, LimitCharge]],
+        record: ClientRecord,
+        snapshot: Snapshot,
+    ) -> Decision:
+        """Attach the limits' answers; an allowed decision a limit refused becomes THROTTLE."""
+        if not limits or len(record.limits) != len(limits):
+            return decision
+        applied = tuple(
+            AppliedLimit(charge.name, limit.unit, limit.scope, limit.quota, limit.window_s, state)
+            for (limit, charge), state in zip(limits, record.limits, strict=True)
+        )
+        refused = [a for a in applied if not a.state.allowed]
+        if not refused or decision.action is not Action.ALLOW:
+            return _with(decision, limits=applied)
+        worst = max(refused, key=lambda a: a.state.retry_after_s)
+        metrics.LIMITED.labels(worst.unit, worst.scope).inc()
+        throttled = self.verdict(
+            Action.THROTTLE,
+            decision.identity,
+            decision.level,
+            ("rate_limited", *decision.reasons),
+            snapshot,
+        )
+        retry = max(1, math.ceil(worst.state.retry_after_s))
+        return _with(throttled, limits=applied, refused_by=worst, retry_after_s=retry)
+
+    def limits_for(
+        self,
+        identity: Identity,
+        snapshot: Snapshot,
+        modes: dict[str, ChargeMode],
+        *,
+        cost: int,
+    ) -> list[tuple[Limit, LimitCharge]]:
+        """The tier's limits on the units in ``modes``, as charges of ``cost`` (1 for probes)."""
+        tier = snapshot.policy.tiers.get(identity.tier)
+        if tier is None or not tier.limits:
+            return []
+        subnets = snapshot.policy.subnets
+        charges = []
+        for limit in tier.limits:
+            mode = modes.get(limit.unit)
+            if mode is None:
+                continue
+            tag = subject_tag(
+                limit.scope,
+                identity.client_id,
+                identity.address,
+                ipv4_prefix=subnets.ipv4_prefix,
+                ipv6_prefix=subnets.ipv6_prefix,
+            )
+            units = 1 if mode is ChargeMode.PROBE or limit.unit == "requests" else cost
+            charge = LimitCharge(
+                tag, f"{identity.tier}:{limit.id}", limit.interval_s, limit.capacity, units, mode
+            )
+            charges.append((limit, charge))
+        return charges
 
     def verdict(
         self,
@@ -140,22 +245,53 @@ class DecisionCore:
         )
 
     async def charge(
-        self, identity: Identity, *, requests: int, instances: int
-    ) -> ClientRecord | None:
-        """Add to the client's counters within the decision budget; ``None`` when the store failed."""
-        record = self._store.record(
+        self,
+        identity: Identity,
+        *,
+        requests: int,
+        instances: int,
+        limits: Sequence[tuple[Limit, LimitCharge]] = (),
+        snapshot: Snapshot | None = None,
+    ) -> Charged:
+        """Add to the client's counters and apply ``limits`` within the decision budget.
+
+        When the store fails, ``fail_modes.store: local`` decides the limits with this
+        replica's own memory, each budget divided by the replica count.
+        """
+        charges = [charge for _, charge in limits]
+        now = self._clock()
+        call = self._store.record(
             identity.client_id,
             tier=identity.tier,
             requests=requests,
             instances=instances,
-            now=self._clock(),
+            now=now,
+            limits=charges,
         )
         try:
             if getattr(self._store, "self_bounded", False):
-                return await record
+                return Charged(await call)
             async with asyncio.timeout(self._budget_s):
-                return await record
+                return Charged(await call)
         except (StoreError, TimeoutError) as exc:
             metrics.ERRORS.labels("store_unavailable").inc()
             log.warning("store_unavailable", error=type(exc).__name__, detail=str(exc)[:200])
-            return None
+        snapshot = snapshot or self._policy()
+        if snapshot.policy.fail_modes.store != "local" or self._local is None:
+            return Charged(None, degraded=True)
+        local = await self._local.record(
+            identity.client_id,
+            tier=identity.tier,
+            requests=requests,
+            instances=instances,
+            now=now,
+            limits=[scaled(charge, self._replicas) for charge in charges],
+        )
+        # The local record knows no operator pins: only its limits are used.
+        return Charged(
+            ClientRecord(identity.client_id, identity.tier, limits=local.limits), degraded=True
+        )
+
+
+def _with(decision: Decision, **changes: object) -> Decision:
+    return dataclasses.replace(decision, **changes)  # type: ignore[arg-type]

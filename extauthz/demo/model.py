@@ -1,9 +1,15 @@
-"""Serve a small real classifier over KServe v1 and Open Inference v2.
+"""Serve a small real classifier over KServe v1 and Open Inference v2, and a toy LLM over OpenAI.
 
 The guard needs a model worth stealing to show what it does: this module trains a small MLP on
 scikit-learn's bundled digits (8x8 images, 64 features in 0..16, 10 classes) in well under a
 second and serves it with aiohttp on 127.0.0.1:8081, the upstream of the reference Envoy config.
 ``make demo``, the end-to-end tests and the red team all talk to it.
+
+Beside it, ``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings`` answer in
+OpenAI's shapes from a deterministic toy, so token quotas can be shown and tested without a real
+LLM: a reply is the words of the prompt (the last user message) in reverse order, capped at
+``max_tokens``; a token is a whitespace-separated word; an embedding is a unit vector seeded by a
+hash of the text. It is honest about being a toy: nothing is learned and nothing streams.
 
 Run it with ``python -m extauthz.demo.model [--host H] [--port P] [--name NAME] [--seed S]``.
 It prints one line when ready and serves until SIGTERM or SIGINT.
@@ -16,10 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import itertools
 import json
 import math
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -32,22 +41,31 @@ from aiohttp import web
 
 __all__ = [
     "DEFAULT_HOST",
+    "DEFAULT_MAX_TOKENS",
     "DEFAULT_NAME",
     "DEFAULT_PORT",
+    "EMBEDDING_DIM",
+    "LLM_NAME",
     "MAX_BODY_BYTES",
+    "MAX_N",
     "N_CLASSES",
     "N_FEATURES",
     "BadInput",
     "DemoModel",
     "V2Request",
     "build_app",
+    "chat_completion",
     "check_instances",
+    "count_tokens",
+    "embed",
+    "embeddings",
     "load_data",
     "main",
     "parse_json",
     "parse_v1",
     "parse_v2",
     "start",
+    "text_completion",
     "v2_outputs",
 ]
 
@@ -72,6 +90,15 @@ NUMERIC_DATATYPES: Final = frozenset(
     | {f"INT{bits}" for bits in (8, 16, 32, 64)}
     | {f"UINT{bits}" for bits in (8, 16, 32, 64)}
 )
+
+# The toy LLM: default and largest completion length (in words), most choices, embedding width.
+DEFAULT_MAX_TOKENS: Final = 16
+MAX_TOKENS_LIMIT: Final = 4096
+MAX_N: Final = 128
+EMBEDDING_DIM: Final = 16
+STREAMING_REFUSED: Final = "streaming is not supported by the demo model"
+#: The model name the toy LLM answers with when a request names none.
+LLM_NAME: Final = "extauthz-demo-llm"
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -276,6 +303,182 @@ def v2_outputs(proba: FloatArray, names: Sequence[str]) -> list[dict[str, object
     return [tensors[name] for name in names]
 
 
+# --- the toy LLM (OpenAI-compatible) -------------------------------------------------------
+
+
+def count_tokens(text: str) -> int:
+    """Count the tokens of ``text`` as the toy LLM does: its whitespace-separated words."""
+    return len(text.split())
+
+
+def _reply(prompt: str, max_tokens: int) -> tuple[str, int, str]:
+    """Return the reply to ``prompt``, its token count and its finish reason.
+
+    The reply is the prompt's words reversed; ``length`` says ``max_tokens`` cut it short.
+    """
+    words = prompt.split()[::-1]
+    finish = "length" if len(words) > max_tokens else "stop"
+    return " ".join(words[:max_tokens]), min(len(words), max_tokens), finish
+
+
+def _int_field(payload: dict[str, Any], key: str, *, default: int, low: int, high: int) -> int:
+    value = payload.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadInput(f'"{key}" must be an integer from {low} to {high}')
+    return value
+
+
+def _llm_request(payload: object, text_key: str) -> dict[str, Any]:
+    """Check what every toy LLM request shares: an object, no streaming, a string model."""
+    if not isinstance(payload, dict):
+        raise BadInput("expected a JSON object")
+    if payload.get("stream") is True:
+        raise BadInput(STREAMING_REFUSED)
+    if text_key not in payload:
+        raise BadInput(f'expected a JSON object with "{text_key}"')
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadInput('"model" must be a string')
+    return payload
+
+
+def _max_tokens(payload: dict[str, Any]) -> int:
+    """Return the completion cap: ``max_completion_tokens`` (newer name) or ``max_tokens``."""
+    newer = payload.get("max_completion_tokens") is not None
+    key = "max_completion_tokens" if newer else "max_tokens"
+    return _int_field(payload, key, default=DEFAULT_MAX_TOKENS, low=1, high=MAX_TOKENS_LIMIT)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int | None = None) -> dict[str, int]:
+    if completion_tokens is None:
+        return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _message_text(message: object, index: int) -> tuple[str, str]:
+    """Return ``(role, text)`` of a chat message; content is a string, null or text parts."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise BadInput(f'messages[{index}] must be an object with a string "role"')
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return message["role"], content or ""
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        for part in content
+    ):
+        return message["role"], " ".join(part["text"] for part in content)
+    raise BadInput(f"messages[{index}].content must be a string or a list of text parts")
+
+
+def chat_completion(
+    payload: object, *, completion_id: str, created: int, default_model: str
+) -> dict[str, Any]:
+    """Answer a chat completions request: ``n`` equal replies to the last user message.
+
+    ``usage`` counts the words of every message once as the prompt and the words of every
+    choice as the completion, as OpenAI counts ``n`` choices.
+    """
+    request = _llm_request(payload, "messages")
+    messages = request["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise BadInput('"messages" must be a non-empty list')
+    texts = [_message_text(message, i) for i, message in enumerate(messages)]
+    user = [text for role, text in texts if role == "user"]
+    if not user:
+        raise BadInput('"messages" must hold a message with role "user"')
+    n = _int_field(request, "n", default=1, low=1, high=MAX_N)
+    content, tokens, finish = _reply(user[-1], _max_tokens(request))
+    choice = {"message": {"role": "assistant", "content": content}, "finish_reason": finish}
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": request.get("model") or default_model,
+        "choices": [{"index": i, **choice} for i in range(n)],
+        "usage": _usage(sum(count_tokens(text) for _, text in texts), n * tokens),
+    }
+
+
+def _texts(value: object, key: str) -> list[str]:
+    """Return the prompts (or inputs) of a string or a non-empty list of strings."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        return value
+    raise BadInput(
+        f'"{key}" must be a string or a non-empty list of strings '
+        "(the demo model reads text, not token ids)"
+    )
+
+
+def text_completion(
+    payload: object, *, completion_id: str, created: int, default_model: str
+) -> dict[str, Any]:
+    """Answer a completions request: ``n`` replies per prompt, indexed prompt by prompt."""
+    request = _llm_request(payload, "prompt")
+    prompts = _texts(request["prompt"], "prompt")
+    n = _int_field(request, "n", default=1, low=1, high=MAX_N)
+    max_tokens = _max_tokens(request)
+    choices: list[dict[str, Any]] = []
+    completion_tokens = 0
+    for p, prompt in enumerate(prompts):
+        text, tokens, finish = _reply(prompt, max_tokens)
+        completion_tokens += n * tokens
+        choices.extend(
+            {"index": p * n + i, "text": text, "logprobs": None, "finish_reason": finish}
+            for i in range(n)
+        )
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": request.get("model") or default_model,
+        "choices": choices,
+        "usage": _usage(sum(map(count_tokens, prompts)), completion_tokens),
+    }
+
+
+def embed(texts: Sequence[str]) -> FloatArray:
+    """Return one unit vector of ``EMBEDDING_DIM`` floats per text, seeded by a hash of the text.
+
+    SHA-256 rather than ``hash()``: Python salts string hashes per process, and the vectors must
+    be the same in every process and run.
+    """
+    rows = [
+        np.random.default_rng(
+            int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+        ).standard_normal(EMBEDDING_DIM)
+        for text in texts
+    ]
+    vectors = np.asarray(rows, dtype=np.float64).reshape(len(texts), EMBEDDING_DIM)
+    norms: FloatArray = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / norms
+
+
+def embeddings(payload: object, *, default_model: str) -> dict[str, Any]:
+    """Answer an embeddings request: one vector per input, float lists only."""
+    request = _llm_request(payload, "input")
+    texts = _texts(request["input"], "input")
+    if request.get("encoding_format") not in (None, "float"):
+        raise BadInput('"encoding_format" must be "float": the demo model sends no base64')
+    vectors = embed(texts)
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": row}
+            for i, row in enumerate(vectors.tolist())
+        ],
+        "model": request.get("model") or default_model,
+        "usage": _usage(sum(map(count_tokens, texts))),
+    }
+
+
 def _json(payload: object, status: int = 200) -> web.Response:
     return web.json_response(payload, status=status)
 
@@ -326,6 +529,8 @@ class _Routes:
     def __init__(self, model: DemoModel, name: str) -> None:
         self._model = model
         self._name = name
+        # Completion ids: unique per server, and the same sequence on every run.
+        self._ids = itertools.count(1)
 
     def _check_name(self, request: web.Request) -> None:
         name = request.match_info["name"]
@@ -384,9 +589,34 @@ class _Routes:
         answer["outputs"] = v2_outputs(proba, infer.outputs)
         return _json(answer)
 
+    async def openai_chat(self, request: web.Request) -> web.Response:
+        payload = parse_json(await request.read())
+        return _json(
+            chat_completion(
+                payload,
+                completion_id=f"chatcmpl-demo-{next(self._ids)}",
+                created=int(time.time()),
+                default_model=LLM_NAME,
+            )
+        )
+
+    async def openai_completions(self, request: web.Request) -> web.Response:
+        payload = parse_json(await request.read())
+        return _json(
+            text_completion(
+                payload,
+                completion_id=f"cmpl-demo-{next(self._ids)}",
+                created=int(time.time()),
+                default_model=LLM_NAME,
+            )
+        )
+
+    async def openai_embeddings(self, request: web.Request) -> web.Response:
+        return _json(embeddings(parse_json(await request.read()), default_model=LLM_NAME))
+
 
 def build_app(model: DemoModel, *, name: str = DEFAULT_NAME) -> web.Application:
-    """Return the aiohttp application serving ``model`` as ``name`` on both protocols."""
+    """Return the aiohttp application serving ``model`` as ``name``, and the toy LLM beside it."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_log_callers, _json_errors])
     routes = _Routes(model, name)
     model_path = "/models/{name:[^/:]+}"
@@ -401,6 +631,9 @@ def build_app(model: DemoModel, *, name: str = DEFAULT_NAME) -> web.Application:
             web.get(f"/v2{model_path}", routes.v2_model),
             web.get(f"/v2{model_path}/ready", routes.v2_model_ready),
             web.post(f"/v2{model_path}/infer", routes.v2_infer),
+            web.post("/v1/chat/completions", routes.openai_chat),
+            web.post("/v1/completions", routes.openai_completions),
+            web.post("/v1/embeddings", routes.openai_embeddings),
         ]
     )
     return app
@@ -457,7 +690,10 @@ async def _serve(model: DemoModel, args: argparse.Namespace) -> int:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m extauthz.demo.model",
-        description="Serve a digits classifier over KServe v1 and Open Inference v2.",
+        description=(
+            "Serve a digits classifier over KServe v1 and Open Inference v2, "
+            "and a toy LLM over OpenAI's chat, completions and embeddings APIs."
+        ),
     )
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (%(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")

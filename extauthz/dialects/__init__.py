@@ -19,6 +19,7 @@ from extauthz.dialects.base import (
 )
 from extauthz.dialects.kserve_v1 import KServeV1Dialect
 from extauthz.dialects.oip_v2 import OipV2Dialect
+from extauthz.dialects.openai import OpenAIDialect
 
 __all__ = [
     "DIALECTS",
@@ -33,7 +34,7 @@ __all__ = [
 
 #: Every dialect by name, in the order auto-detection tries them.
 DIALECTS: Mapping[str, Dialect] = MappingProxyType(
-    {d.name: d for d in (KServeV1Dialect(), OipV2Dialect())}
+    {d.name: d for d in (KServeV1Dialect(), OipV2Dialect(), OpenAIDialect())}
 )
 
 

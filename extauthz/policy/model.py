@@ -7,6 +7,7 @@ which ``loader`` turns into YAML paths such as ``tiers.free.max_instances``.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from typing import Annotated, Literal
 
@@ -98,9 +99,92 @@ class OutputPolicy(_Frozen):
     decimals: Annotated[int, Field(ge=0, le=12)] = 4
 
 
+WINDOWS_S: dict[str, float] = {
+    "second": 1.0,
+    "minute": 60.0,
+    "hour": 3600.0,
+    "day": 86_400.0,
+    "month": 30 * 86_400.0,
+}
+
+
+class Limit(_Frozen):
+    """``rate`` units per ``per`` for one key (scope), as GCRA with ``burst`` (core/limiter.py).
+
+    Without ``burst`` the whole window's budget may be spent at once: a quota. ``unit``:
+    requests (charged in Check), instances (charged when ext_proc has counted the body) or
+    tokens (charged from an OpenAI-compatible answer's ``usage`` after it is served; the
+    next request is refused once spent). ``scope``: the client, its address, or its subnet
+    (``subnets`` sets the prefix), so one network cannot multiply its budget with keys.
+    """
+
+    name: str | None = None
+    unit: Literal["requests", "instances", "tokens"] = "requests"
+    rate: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    per: Literal["second", "minute", "hour", "day", "month"] = "second"
+    burst: Annotated[int, Field(gt=0)] | None = None
+    scope: Literal["client", "address", "subnet"] = "client"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError("must be 1-63 characters of a-z, 0-9, '_', '.', '-'")
+        return value
+
+    @property
+    def id(self) -> str:
+        """The limit's name: given, or ``<unit>-per-<per>[-<scope>]``."""
+        if self.name:
+            return self.name
+        return f"{self.unit}-per-{self.per}" + ("" if self.scope == "client" else f"-{self.scope}")
+
+    @property
+    def window_s(self) -> float:
+        return WINDOWS_S[self.per]
+
+    @property
+    def quota(self) -> int:
+        """Units per window, as the RateLimit-Policy field states it."""
+        return max(1, math.ceil(self.rate))
+
+    @property
+    def capacity(self) -> int:
+        """Units that may be taken at once (GCRA's burst)."""
+        return self.burst if self.burst is not None else self.quota
+
+    @property
+    def interval_s(self) -> float:
+        return self.window_s / self.rate
+
+
 class Tier(_Frozen):
     max_instances: Annotated[int, Field(gt=0, description="instances one request may carry")] = 64
     output: OutputPolicy = OutputPolicy()
+    limits: tuple[Limit, ...] = ()
+
+    @model_validator(mode="after")
+    def _limits(self) -> Tier:
+        seen: set[str] = set()
+        for index, limit in enumerate(self.limits):
+            if limit.id in seen:
+                raise ValueError(
+                    f"limits[{index}].name: duplicate limit {limit.id!r} (give each a name)"
+                )
+            seen.add(limit.id)
+            if limit.unit == "instances" and limit.capacity < self.max_instances:
+                raise ValueError(
+                    f"limits[{index}].burst: {limit.capacity} is below max_instances "
+                    f"({self.max_instances}), so a full batch could never pass"
+                )
+        return self
+
+
+class Subnets(_Frozen):
+    """Prefix lengths that group addresses for ``scope: subnet`` limits."""
+
+    ipv4_prefix: Annotated[int, Field(ge=8, le=32)] = 24
+    ipv6_prefix: Annotated[int, Field(ge=16, le=128)] = 64
 
 
 class Levels(_Frozen):
@@ -140,7 +224,7 @@ class Route(_Frozen):
     """A protected model route: requests under ``prefix`` are parsed by ``dialect``."""
 
     prefix: str
-    dialect: Literal["kserve_v1", "oip_v2", "auto"] = "auto"
+    dialect: Literal["kserve_v1", "oip_v2", "openai", "auto"] = "auto"
 
     @field_validator("prefix")
     @classmethod
@@ -153,7 +237,9 @@ class Route(_Frozen):
 class FailModes(_Frozen):
     """What happens when a part of the guard cannot answer."""
 
-    store: Literal["allow", "deny"] = "allow"
+    # Store down or slower than the budget: allow (counted), refuse with 503, or decide limits
+    # with a per-replica memory limiter whose budgets are divided by settings' replica count.
+    store: Literal["fail_open", "fail_closed", "local"] = "fail_open"
     body: Literal["deny", "charge_max"] = "deny"
 
 
@@ -171,9 +257,13 @@ class Policy(_Frozen):
     routes: tuple[Route, ...] = (
         Route(prefix="/v1/models/", dialect="kserve_v1"),
         Route(prefix="/v2/models/", dialect="oip_v2"),
+        Route(prefix="/v1/chat/completions", dialect="openai"),
+        Route(prefix="/v1/completions", dialect="openai"),
+        Route(prefix="/v1/embeddings", dialect="openai"),
     )
     fail_modes: FailModes = FailModes()
     retry_after_s: Annotated[int, Field(gt=0)] = 60
+    subnets: Subnets = Subnets()
 
     @field_validator("tiers")
     @classmethod

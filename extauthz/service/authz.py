@@ -60,7 +60,7 @@ class AuthorizationService(auth_grpc.AuthorizationServicer):
             snapshot = self._core.snapshot()
             info = request_from_check(request, snapshot)
             decision = await self._core.decide(info, snapshot=snapshot)
-            if decision.allowed:
+            if decision.allowed and not decision.limits:
                 response = self._allowed.get(decision)
             else:
                 response = answer(decision, info.request_id)
@@ -99,7 +99,7 @@ class AllowCache:
 def answer(decision: Decision, request_id: str) -> auth_pb2.CheckResponse:
     """Turn a decision into Envoy's CheckResponse (shadow mode always allows)."""
     if decision.allowed:
-        return envoy.check_ok(decision)
+        return envoy.check_ok(decision)  # with the remaining budget in RateLimit fields
     status, headers, body = envoy.refusal(decision, request_id=request_id)
     return envoy.check_denied(status, headers, body, envoy.decision_struct(decision))
 

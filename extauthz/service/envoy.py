@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -14,6 +15,7 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from extauthz.core.decision import Decision
+from extauthz.core.limiter import rate_limit_fields
 from extauthz.core.risk import Action
 
 UPSTREAM_CLIENT = "x-extauthz-client"
@@ -113,6 +115,22 @@ def refusal(
         "message": message,
     }
     headers = [("content-type", _JSON), ("cache-control", "no-store")]
+    limit = decision.refused_by
+    if limit is not None:
+        document["limit"] = {
+            "name": limit.name,
+            "unit": limit.unit,
+            "scope": limit.scope,
+            "quota": limit.quota,
+            "window_s": limit.window_s,
+            "remaining": limit.state.remaining,
+            "reset_s": math.ceil(limit.state.reset_s),
+        }
+        document["message"] = (
+            f"the {limit.unit} limit {limit.name!r} ({limit.quota} per {_window(limit.window_s)}) "
+            f"is spent; retry after {decision.retry_after_s} s"
+        )
+    headers.extend(rate_limit_fields(decision.limits))
     if decision.retry_after_s:
         document["retry_after_s"] = decision.retry_after_s
         headers.append(("retry-after", str(decision.retry_after_s)))
@@ -122,6 +140,11 @@ def refusal(
     if request_id:
         document["request_id"] = request_id
     return decision.status, headers, json.dumps(document, separators=(",", ":")).encode()
+
+
+def _window(seconds: float) -> str:
+    names = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86_400.0: "day", 2_592_000.0: "month"}
+    return names.get(seconds, f"{seconds:g} s")
 
 
 def error_body(code: str, message: str, *, request_id: str = "") -> bytes:
@@ -134,11 +157,17 @@ def error_body(code: str, message: str, *, request_id: str = "") -> bytes:
 # --- Check answers ------------------------------------------------------------------------------
 
 
-def _header_options(pairs: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValueOption]:
-    overwrite = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+def _header_options(
+    pairs: Iterable[tuple[str, str]], *, append: bool = False
+) -> list[base_pb2.HeaderValueOption]:
+    action = (
+        base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+        if append
+        else base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    )
     return [
         base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key=k, value=v), append_action=overwrite
+            header=base_pb2.HeaderValue(key=k, value=v), append_action=action
         )
         for k, v in pairs
     ]
@@ -148,7 +177,13 @@ def check_ok(decision: Decision) -> auth_pb2.CheckResponse:
     """Allow, sending the client's id, tier and risk upstream and the decision as metadata."""
     return auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
-        ok_response=auth_pb2.OkHttpResponse(headers=_header_options(upstream_headers(decision))),
+        ok_response=auth_pb2.OkHttpResponse(
+            headers=_header_options(upstream_headers(decision)),
+            # The client's remaining budget, on the answer it gets.
+            response_headers_to_add=_header_options(
+                rate_limit_fields(decision.limits), append=True
+            ),
+        ),
         dynamic_metadata=decision_struct(decision),
     )
 
@@ -175,16 +210,22 @@ def check_denied(
 
 
 def header_mutation(
-    set_headers: Iterable[tuple[str, str]] = (), remove: Iterable[str] = ()
+    set_headers: Iterable[tuple[str, str]] = (),
+    remove: Iterable[str] = (),
+    *,
+    append: Iterable[tuple[str, str]] = (),
 ) -> proc_pb2.HeaderMutation:
+    """Set (overwrite) ``set_headers``, add ``append`` beside any existing value, drop ``remove``."""
     overwrite = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    add = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+    options = [(k, v, overwrite) for k, v in set_headers] + [(k, v, add) for k, v in append]
     return proc_pb2.HeaderMutation(
         set_headers=[
             base_pb2.HeaderValueOption(
                 header=base_pb2.HeaderValue(key=k, raw_value=v.encode("utf-8")),
-                append_action=overwrite,
+                append_action=action,
             )
-            for k, v in set_headers
+            for k, v, action in options
         ],
         remove_headers=list(remove),
     )

@@ -24,10 +24,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as proc_grpc
 from google.protobuf import struct_pb2
 
-from extauthz.core.decision import DecisionCore
+from extauthz.core.decision import Decision, DecisionCore
 from extauthz.core.identity import Identity, RequestInfo, identify
+from extauthz.core.limiter import ChargeMode, rate_limit_fields
 from extauthz.core.risk import Action, RiskLevel
 from extauthz.dialects import Dialect, DialectError, detect_dialect, get_dialect
+from extauthz.dialects.openai import token_usage
 from extauthz.policy.loader import Snapshot
 from extauthz.policy.model import Route
 from extauthz.protect.perturb import apply_output_policy
@@ -46,6 +48,8 @@ _SKIP_REST = _MODE(
     response_trailer_mode=_MODE.SKIP,
 )
 _SKIP_RESPONSE_BODY = _MODE(response_body_mode=_MODE.NONE, response_trailer_mode=_MODE.SKIP)
+_INSTANCE_PHASE = {"instances": ChargeMode.CHARGE}
+_TOKEN_PHASE = {"tokens": ChargeMode.FORCE}
 _JSON_HEADERS = [("content-type", "application/json"), ("cache-control", "no-store")]
 
 
@@ -73,6 +77,8 @@ class _StreamState:
     response_status: int = 0
     response_encoding: str = ""
     rewrite: bool = False
+    count_tokens: bool = False
+    decision: Decision | None = None
     done: bool = False
 
 
@@ -124,7 +130,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             if phase == "response_headers":
                 return self._response_headers(message.response_headers, state)
             if phase == "response_body":
-                return self._response_body(message.response_body, state)
+                return await self._response_body(message.response_body, state)
             return envoy.continue_response(phase)
         except Exception:
             metrics.ERRORS.labels("internal_error").inc()
@@ -189,6 +195,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             decision = dataclasses.replace(decision, enforced=check.enforced)
         state.identity = decision.identity
         state.level = decision.level
+        state.decision = decision
         metrics.DECISIONS.labels("ext_proc", decision.action.value, decision.identity.tier).inc()
         metadata = {envoy.EXT_PROC_NAMESPACE: envoy.decision_struct(decision)}
         if not decision.allowed:
@@ -241,11 +248,29 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             instances = tier.max_instances
         state.instances = instances
         metrics.INSTANCES.labels(state.identity.tier).inc(instances)
-        record = await self._core.charge(state.identity, requests=0, instances=instances)
-        if record is None and policy.fail_modes.store == "deny":
-            return self._refuse_body(
-                state, "store_unavailable", "the service cannot decide right now", 503
-            )
+        limits = self._core.limits_for(
+            state.identity, state.snapshot, _INSTANCE_PHASE, cost=instances
+        )
+        charged = await self._core.charge(
+            state.identity, requests=0, instances=instances, limits=limits, snapshot=state.snapshot
+        )
+        if charged.record is None:
+            if policy.fail_modes.store == "fail_closed":
+                return self._refuse_body(
+                    state, "store_unavailable", "the service cannot decide right now", 503
+                )
+            return envoy.continue_response("request_body")
+        if state.decision is None or not limits:
+            return envoy.continue_response("request_body")
+        decision = self._core.apply_limits(state.decision, limits, charged.record, state.snapshot)
+        state.decision = decision
+        if not decision.allowed:
+            state.done = True
+            metrics.DECISIONS.labels(
+                "ext_proc", decision.action.value, decision.identity.tier
+            ).inc()
+            status, refusal_headers, body = envoy.refusal(decision, request_id=state.request_id)
+            return envoy.immediate(status, refusal_headers, body, details="extauthz_rate_limited")
         return envoy.continue_response("request_body")
 
     def _refuse_body(
@@ -280,34 +305,65 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         status = headers.get(":status", "0")
         state.response_status = int(status) if status.isdigit() else 0
         state.response_encoding = headers.get("content-encoding", "").strip().lower()
-        output = state.snapshot.policy.tier(state.identity.tier).output
-        state.rewrite = (
+        tier = state.snapshot.policy.tier(state.identity.tier)
+        readable = (
             200 <= state.response_status < 300
             and "json" in headers.get("content-type", "").lower()
-            and output.policy != "passthrough"
             and not message.end_of_stream
         )
-        if not state.rewrite:
-            return envoy.continue_response("response_headers", mode_override=_SKIP_RESPONSE_BODY)
-        return envoy.continue_response("response_headers")
+        state.rewrite = readable and tier.output.policy != "passthrough"
+        state.count_tokens = (
+            readable
+            and state.dialect is not None
+            and state.dialect.name == "openai"
+            and any(limit.unit == "tokens" for limit in tier.limits)
+        )
+        # The client's remaining instance budget travels on the answer.
+        applied = state.decision.limits if state.decision is not None else ()
+        mutation = envoy.header_mutation(append=rate_limit_fields(applied)) if applied else None
+        if not (state.rewrite or state.count_tokens):
+            return envoy.continue_response(
+                "response_headers", mutation=mutation, mode_override=_SKIP_RESPONSE_BODY
+            )
+        return envoy.continue_response("response_headers", mutation=mutation)
 
-    def _response_body(
+    async def _charge_tokens(self, doc: object, state: _StreamState) -> None:
+        """Charge the answer's token usage after it is served; the next request sees the debt."""
+        assert state.identity is not None and state.snapshot is not None
+        tokens = token_usage(doc)
+        if tokens is None:
+            metrics.ERRORS.labels("usage_missing").inc()
+            return
+        limits = self._core.limits_for(state.identity, state.snapshot, _TOKEN_PHASE, cost=tokens)
+        if tokens and limits:
+            await self._core.charge(
+                state.identity, requests=0, instances=0, limits=limits, snapshot=state.snapshot
+            )
+            metrics.TOKENS.labels(state.identity.tier).inc(tokens)
+
+    async def _response_body(
         self, body: proc_pb2.HttpBody, state: _StreamState
     ) -> proc_pb2.ProcessingResponse:
         if (
-            not state.rewrite
+            not (state.rewrite or state.count_tokens)
             or state.dialect is None
             or state.identity is None
             or state.snapshot is None
         ):
             return envoy.continue_response("response_body")
-        state.rewrite = False  # one buffered body per stream; a duplicate passes through
+        rewrite, count_tokens = state.rewrite, state.count_tokens
+        # One buffered body per stream; a duplicate passes through.
+        state.rewrite = state.count_tokens = False
         output = state.snapshot.policy.tier(state.identity.tier).output
         try:
             raw = decode_body(body.body, state.response_encoding, limit=self._max_body_bytes)
             parsed = state.dialect.parse_response(raw)
         except (BodyError, DialectError) as exc:
             metrics.ERRORS.labels(f"response_{exc.code}").inc()
+            return envoy.continue_response("response_body")
+        if count_tokens:
+            await self._charge_tokens(parsed.doc, state)
+        if not rewrite:
             return envoy.continue_response("response_body")
         rewritten = apply_output_policy(parsed.outputs, output)
         if rewritten is None:

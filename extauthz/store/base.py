@@ -7,8 +7,11 @@ bounded: a TTL refreshed on activity, and a cap on the number of clients.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from extauthz.core.limiter import LimitCharge, LimitState
 
 
 class StoreError(Exception):
@@ -24,6 +27,8 @@ class ClientRecord:
     ``pinned_level`` is the risk level an operator pinned (a ``RiskLevel`` label such as
     ``"abusive"``), or ``None``; ``blocked`` is an operator block. Counters are totals
     since ``first_seen`` (seconds since the epoch) and expire with the record.
+    ``limits`` holds the answers of the limits charged with the call that returned it, in
+    the order they were given (empty elsewhere).
     """
 
     client_id: str
@@ -35,6 +40,7 @@ class ClientRecord:
     last_seen: float = 0.0
     requests: int = 0
     instances: int = 0
+    limits: tuple[LimitState, ...] = ()
 
 
 class Store(Protocol):
@@ -48,10 +54,23 @@ class Store(Protocol):
     self_bounded: bool
 
     async def record(
-        self, client_id: str, *, tier: str, requests: int, instances: int, now: float
+        self,
+        client_id: str,
+        *,
+        tier: str,
+        requests: int,
+        instances: int,
+        now: float,
+        limits: Sequence[LimitCharge] = (),
     ) -> ClientRecord:
-        """Add ``requests`` and ``instances`` to the client's counters, refresh its TTL and
-        return the updated record, in one round trip."""
+        """Add ``requests`` and ``instances`` to the client's counters, refresh its TTL, apply
+        ``limits`` (GCRA, all-or-nothing: ``core.limiter.evaluate``) and return the updated
+        record with the limits' answers, in one round trip.
+
+        Counters count what was seen, so they grow even when a limit refuses. In a Redis
+        Cluster, limits whose tags hash to other slots than the client's are applied in
+        their own atomic step (all-or-nothing holds within a slot).
+        """
         ...
 
     async def get_client(self, client_id: str) -> ClientRecord | None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from extauthz.core.limiter import LimitCharge, LimitState, evaluate
 from extauthz.store.base import ClientRecord
 
 
@@ -74,12 +76,16 @@ class MemoryStore:
         max_clients: int = 100_000,
         ttl_s: float = 86_400.0,
         clock: Callable[[], float],
+        max_limit_keys: int | None = None,
     ) -> None:
         if max_clients < 1:
             raise ValueError(f"max_clients must be at least 1, got {max_clients}")
         if not ttl_s > 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         self._max_clients = max_clients
+        self._max_limit_keys = max_limit_keys or 4 * max_clients
+        # (tag, limit name) -> TAT, least recently charged first.
+        self._tats: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._ttl_s = ttl_s
         self._clock = clock
         # Oldest activity first. Unpinned records are evicted first.
@@ -91,9 +97,16 @@ class MemoryStore:
         return len(self._plain) + len(self._pinned)
 
     async def record(
-        self, client_id: str, *, tier: str, requests: int, instances: int, now: float
+        self,
+        client_id: str,
+        *,
+        tier: str,
+        requests: int,
+        instances: int,
+        now: float,
+        limits: Sequence[LimitCharge] = (),
     ) -> ClientRecord:
-        """Add to the client's counters, refresh its TTL and return the record."""
+        """Add to the client's counters, refresh its TTL, apply ``limits`` and return the record."""
         entry = self._live(client_id, now)
         if entry is None:
             entry = self._admit(client_id, now)
@@ -102,7 +115,25 @@ class MemoryStore:
         entry.requests += requests
         entry.instances += instances
         self._touch(client_id, entry, now)
-        return entry.snapshot(client_id)
+        record = entry.snapshot(client_id)
+        if limits:
+            record = dataclasses.replace(record, limits=tuple(self.apply_limits(limits, now)))
+        return record
+
+    def apply_limits(self, limits: Sequence[LimitCharge], now: float) -> list[LimitState]:
+        """Apply ``limits`` atomically (this process runs one step at a time)."""
+        keys = [(charge.tag, charge.name) for charge in limits]
+        tats = [self._tats.get(key, now) for key in keys]
+        states, new_tats = evaluate(tats, limits, now)
+        for key, old, new in zip(keys, tats, new_tats, strict=True):
+            if new == old:
+                continue
+            self._tats[key] = new
+            self._tats.move_to_end(key)
+        # Bounded: a TAT in the past is the same as no state, so the oldest go first.
+        while len(self._tats) > self._max_limit_keys:
+            self._tats.popitem(last=False)
+        return states
 
     async def get_client(self, client_id: str) -> ClientRecord | None:
         """Return the client's record, or ``None`` when unknown or expired."""

@@ -11,6 +11,12 @@ Layout, for a ``prefix`` of ``extauthz``:
   for a pin without end). Its size is capped at ``max_clients`` (soonest-to-expire
   dropped first, so pinned clients go last) and entries past their expiry are trimmed
   every ``_TRIM_EVERY`` records.
+- ``extauthz:{<tag>}:l:<limit name>``: one GCRA limit of one subject (``core.limiter``), a
+  string holding the TAT (theoretical arrival time, seconds since the epoch). The tag is
+  the hash tag (``c:key:alice``, ``a:203.0.113.7``, ``n:203.0.113.0/24``), so the limits of
+  a client (tag ``c:<client>``) share the slot of its state hash. Each key expires when its
+  TAT falls into the past (a TAT at or before now is the same as no key), so a 30-day
+  quota's debt outlives any client-record TTL and an idle limit costs nothing.
 
 Records expire through Redis' own ``PEXPIRE``, so Redis memory stays bounded by the TTL
 (run Redis with ``maxmemory`` and ``maxmemory-policy volatile-lru`` as a second bound).
@@ -23,23 +29,119 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
+from extauthz.core.limiter import _EPSILON, LimitCharge, LimitState
 from extauthz.store.base import ClientRecord, StoreError
 
 _TRIM_EVERY = 1024
 """Trim the registry of expired entries once per this many ``record`` calls."""
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+_SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
+_SCHEMES = "redis, rediss, unix, redis+cluster, rediss+cluster, redis+sentinel or rediss+sentinel"
+
+_CLUSTER_MAX_CONNECTIONS = 4_096
+"""Connections per cluster node. redis-py's default (100) fails a burst of more concurrent
+calls with MaxConnectionsError instead of waiting; one Redis handles thousands."""
+
+_LIMIT_EXPIRY_MARGIN_MS = 1_000
+"""Keep a limit key this long past its TAT, for clock steps between Redis nodes on failover."""
+
+# GCRA: ``step`` and ``evaluate`` of core.limiter, line for line (Lua numbers are doubles
+# like Python floats, and the same epsilon and floor give the same answers; the limits
+# contract holds them equal). ``now`` is this server's TIME, shared by every replica of
+# the guard whatever their own clocks say. apply_limits(first_key, first_arg, n) charges
+# KEYS[first_key .. first_key+n-1] with 4 ARGV each from first_arg (interval_s, burst,
+# cost, mode) all-or-nothing and returns 4 values per charge: allowed (0 | 1), remaining,
+# reset_s and retry_after_s (as text: a Lua number in a reply is cut to an integer).
+_LIMITS_LUA = f"""
+local EPSILON, CHARGE, PROBE, FORCE = {_EPSILON!r}, 0, 1, 2
+
+local function step(tat, now, interval, burst, cost, mode)
+  local tolerance = burst * interval
+  local debt = math.max(tat - now, 0.0)
+  local slack = EPSILON * interval
+  if mode == FORCE then
+    local new_debt = debt + cost * interval
+    local remaining = math.max(0, math.floor((tolerance - new_debt) / interval + EPSILON))
+    return {{true, remaining, new_debt, 0.0}}, now + new_debt
+  end
+  if mode == PROBE then
+    cost = 1
+  end
+  local wanted = debt + cost * interval
+  if wanted <= tolerance + slack then
+    local taken, new_tat = debt, tat
+    if mode == CHARGE then
+      taken, new_tat = wanted, now + wanted
+    end
+    local remaining = math.max(0, math.floor((tolerance - taken) / interval + EPSILON))
+    return {{true, remaining, taken, 0.0}}, new_tat
+  end
+  local remaining = math.max(0, math.floor((tolerance - debt) / interval + EPSILON))
+  return {{false, remaining, debt, wanted - tolerance}}, tat
+end
+
+local function apply_limits(first_key, first_arg, n)
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+  local keys, tats, charges, states, new_tats = {{}}, {{}}, {{}}, {{}}, {{}}
+  local refused = false
+  for i = 1, n do
+    local a = first_arg + (i - 1) * 4
+    local charge = {{
+      tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    }}
+    keys[i] = KEYS[first_key + i - 1]
+    tats[i] = tonumber(redis.call('GET', keys[i]) or now)
+    charges[i] = charge
+    states[i], new_tats[i] = step(tats[i], now, charge[1], charge[2], charge[3], charge[4])
+    refused = refused or not states[i][1]
+  end
+  local reply = {{}}
+  for i = 1, n do
+    local charge, state, new_tat = charges[i], states[i], new_tats[i]
+    if refused and charge[4] ~= FORCE then
+      new_tat = tats[i]
+      if state[1] and charge[4] == CHARGE then
+        -- The admitted parts of a refused request took nothing: report what is left.
+        state = step(tats[i], now, charge[1], charge[2], 1, PROBE)
+      end
+    end
+    if new_tat ~= tats[i] then
+      if new_tat > now then
+        local ms = math.ceil((new_tat - now) * 1000) + {_LIMIT_EXPIRY_MARGIN_MS}
+        redis.call('SET', keys[i], string.format('%.17g', new_tat), 'PX', string.format('%d', ms))
+      else
+        redis.call('DEL', keys[i])
+      end
+    end
+    reply[#reply + 1] = state[1] and 1 or 0
+    reply[#reply + 1] = state[2]
+    reply[#reply + 1] = string.format('%.17g', state[3])
+    reply[#reply + 1] = string.format('%.17g', state[4])
+  end
+  return reply
+end
+"""
+
+# KEYS: the limit keys, all in one slot. ARGV: 4 per key (see apply_limits).
+_LIMITS_SCRIPT = _LIMITS_LUA + "return apply_limits(1, 1, #KEYS)\n"
 
 # Adds a client to the registry: ZADD GT only lengthens a stay (a pin's +inf survives
 # activity), the size cap drops the soonest-to-expire, and a trim drops the expired.
@@ -65,12 +167,14 @@ _TOUCH_REGISTRY_SCRIPT = (
     _REGISTRY_LUA + "touch_registry(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])\n"
 )
 
-# KEYS[1] state hash, KEYS[2] registry (single node only). ARGV: client_id, tier,
-# requests, instances, now, ttl_ms, registry_score, cap, trim_before.
+# KEYS[1] state hash, KEYS[2] registry (single node only), then the n limit keys (in the
+# state's slot). ARGV: client_id, tier, requests, instances, now, ttl_ms, registry_score,
+# cap, trim_before, n, then 4 per limit. Returns {HGETALL of the state, apply_limits reply}.
 _RECORD_SCRIPT = (
     _REGISTRY_LUA
+    + _LIMITS_LUA
     + """
-local key, now = KEYS[1], tonumber(ARGV[5])
+local key, now, n = KEYS[1], tonumber(ARGV[5]), tonumber(ARGV[10])
 local pin = redis.call('HGET', key, 'pin')
 if pin and pin ~= 'forever' and tonumber(pin) <= now then
   redis.call('HDEL', key, 'level', 'blocked', 'reason', 'pin')
@@ -87,10 +191,12 @@ if pin ~= 'forever' then
   end
   redis.call('PEXPIRE', key, ms)
 end
-if KEYS[2] then
+local first_limit = 2
+if #KEYS == n + 2 then
   touch_registry(KEYS[2], ARGV[1], ARGV[7], 'gt', ARGV[8], ARGV[9])
+  first_limit = 3
 end
-return redis.call('HGETALL', key)
+return {redis.call('HGETALL', key), apply_limits(first_limit, 11, n)}
 """
 )
 
@@ -150,9 +256,12 @@ class RedisStore:
     Build it with ``from_url``. Every call is bounded by ``timeout_s`` and raises
     ``StoreError`` (the cause chained) on any Redis error, timeout or bad reply.
     ``record`` and ``set_level`` are Lua scripts, atomic per client: on a single node
-    ``record`` is one round trip that also updates the registry; in cluster mode the
-    registry lives in another slot, so its update is a second command sent concurrently
-    (one round trip of latency, two commands, and one hot registry key to watch).
+    ``record`` is one round trip (one EVALSHA) that also updates the registry and applies
+    every limit, all-or-nothing. In cluster mode the registry lives in another slot, so its
+    update is a second command sent concurrently (one round trip of latency, two commands,
+    and one hot registry key to watch); limits whose tag hashes to the client's slot run in
+    the client's script, and the others in one limits-only script per slot, concurrently:
+    all-or-nothing then holds within each slot, not across slots.
     """
 
     self_bounded = True  # every call runs under asyncio.timeout(timeout_s) and socket timeouts
@@ -167,8 +276,12 @@ class RedisStore:
         prefix: str = "extauthz",
         max_clients: int = 1_000_000,
         clock: Callable[[], float],
+        helpers: Sequence[Redis] = (),
     ) -> None:
-        """Wrap an existing client; prefer ``from_url``, which configures timeouts."""
+        """Wrap an existing client; prefer ``from_url``, which configures timeouts.
+
+        ``helpers`` are other clients the store owns and closes with it (Sentinel's).
+        """
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if not ttl_s > 0:
@@ -191,6 +304,10 @@ class RedisStore:
         self._set_level_script = client.register_script(_SET_LEVEL_SCRIPT)
         self._touch_registry_script = client.register_script(_TOUCH_REGISTRY_SCRIPT)
         self._page_script = client.register_script(_PAGE_SCRIPT)
+        self._limits_script = client.register_script(_LIMITS_SCRIPT)
+        self._helpers = tuple(helpers)
+        self._discovered = not cluster  # cluster: slots not yet read
+        self._discovery = asyncio.Lock()
 
     @classmethod
     def from_url(
@@ -205,11 +322,19 @@ class RedisStore:
     ) -> RedisStore:
         """Connect (lazily) to the Redis at ``url``.
 
-        Schemes: ``redis://host:port/db``, ``rediss://`` (TLS), ``unix:///path.sock``,
-        and for Redis Cluster ``redis+cluster://host:port`` or ``rediss+cluster://``
-        (any node; the others are discovered). The scheme, not a flag, picks cluster
-        mode so that one setting says everything. ``timeout_s`` bounds connecting,
-        each socket read and each whole call; a dropped connection is retried once.
+        Accepted forms (the scheme, not a flag, picks the mode, so one setting says all):
+
+        - ``redis://[[user]:password@]host:port[/db]``, ``rediss://...`` (TLS),
+          ``unix://[[user]:password@]/path.sock[?db=N]``: one Redis server;
+        - ``redis+cluster://[[user]:password@]host:port``, ``rediss+cluster://...``: Redis
+          Cluster, from any node (the others are discovered);
+        - ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]``,
+          ``rediss+sentinel://...``: the master that the Sentinels name ``service`` (the
+          credentials and TLS are the master's; Sentinels are asked without a password),
+          found again after a failover.
+
+        ``timeout_s`` bounds connecting, each socket read and each whole call; a dropped
+        connection is retried once.
         """
         scheme, sep, rest = url.partition("://")
         if not sep:
@@ -220,21 +345,42 @@ class RedisStore:
             "decode_responses": True,
         }
         client: Redis | RedisCluster
+        helpers: list[Redis] = []
         if scheme in _CLUSTER_SCHEMES:
             client = RedisCluster.from_url(
                 f"{_CLUSTER_SCHEMES[scheme]}://{rest}",
                 retry=Retry(NoBackoff(), 1),
+                max_connections=_CLUSTER_MAX_CONNECTIONS,
                 **options,
             )
             cluster = True
         elif scheme in ("redis", "rediss", "unix"):
             client = Redis.from_url(url, retry=Retry(NoBackoff(), 1), **options)
             cluster = False
-        else:
-            raise ValueError(
-                f"unsupported Redis URL scheme {scheme!r} (expected redis, rediss, unix, "
-                "redis+cluster or rediss+cluster)"
+        elif scheme in _SENTINEL_SCHEMES:
+            tls = _SENTINEL_SCHEMES[scheme]
+            where = _parse_sentinel(rest)
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                where.sentinels,
+                sentinel_kwargs={
+                    "socket_timeout": timeout_s,
+                    "socket_connect_timeout": timeout_s,
+                    "ssl": tls,
+                },
             )
+            client = sentinel.master_for(
+                where.service,
+                db=where.db,
+                username=where.username,
+                password=where.password,
+                ssl=tls,
+                retry=Retry(NoBackoff(), 1),
+                **options,
+            )
+            helpers = list(sentinel.sentinels)
+            cluster = False
+        else:
+            raise ValueError(f"unsupported Redis URL scheme {scheme!r} (expected {_SCHEMES})")
         return cls(
             client,
             cluster=cluster,
@@ -243,6 +389,7 @@ class RedisStore:
             prefix=prefix,
             max_clients=max_clients,
             clock=clock,
+            helpers=helpers,
         )
 
     def key(self, client_id: str, kind: str = "state") -> str:
@@ -253,10 +400,31 @@ class RedisStore:
         """
         return f"{self._prefix}:{{c:{_escape(client_id)}}}:{kind}"
 
+    def limit_key(self, tag: str, name: str) -> str:
+        """Return the Redis key holding the TAT of limit ``name`` on subject ``tag``.
+
+        The tag is the hash tag, so a client's limits (tag ``c:<client>``) share the slot
+        of ``key(client)``.
+        """
+        return f"{self._prefix}:{{{_escape(tag)}}}:l:{_escape(name)}"
+
     async def record(
-        self, client_id: str, *, tier: str, requests: int, instances: int, now: float
+        self,
+        client_id: str,
+        *,
+        tier: str,
+        requests: int,
+        instances: int,
+        now: float,
+        limits: Sequence[LimitCharge] = (),
     ) -> ClientRecord:
-        """Add to the client's counters, refresh its TTL and return the record."""
+        """Add to the client's counters, refresh its TTL, apply ``limits`` and return the record.
+
+        Limits run on the Redis server's clock (``TIME``), the same for every replica of
+        the guard; ``now`` dates the record's fields. On a single node this is one EVALSHA.
+        In cluster mode, limits in the client's slot run in the client's script and the
+        others in one script per slot, all concurrently; each slot is all-or-nothing.
+        """
         self._records += 1
         trim_before = repr(now) if self._records % _TRIM_EVERY == 0 else ""
         score = repr(now + self._ttl_s)
@@ -269,21 +437,54 @@ class RedisStore:
             self._ttl_ms,
             score,
         ]
+        state_key = self.key(client_id)
+        limit_keys = [self.limit_key(charge.tag, charge.name) for charge in limits]
         async with self._guard("record"):
-            if self._cluster:
-                fields, _ = await asyncio.gather(
-                    self._record_script(keys=[self.key(client_id)], args=args),
-                    self._touch_registry_script(
-                        keys=[self._registry],
-                        args=[client_id, score, "gt", self._max_clients, trim_before],
-                    ),
+            if not self._cluster:
+                fields, replies = await self._record_script(
+                    keys=[state_key, self._registry, *limit_keys],
+                    args=[
+                        *args,
+                        self._max_clients,
+                        trim_before,
+                        len(limits),
+                        *_limit_args(limits),
+                    ],
                 )
-            else:
-                fields = await self._record_script(
-                    keys=[self.key(client_id), self._registry],
-                    args=[*args, self._max_clients, trim_before],
-                )
-            return _parse(client_id, _pairs(fields), now)
+                record = _parse(client_id, _pairs(fields), now)
+                return _with_limits(record, _limit_states(replies))
+            # Cluster: group the limits by slot; the client's slot goes with its record.
+            client_slot = key_slot(state_key.encode())
+            groups: dict[int, list[int]] = {client_slot: []}
+            for index, limit_key in enumerate(limit_keys):
+                groups.setdefault(key_slot(limit_key.encode()), []).append(index)
+            own = groups.pop(client_slot)
+            calls = [
+                self._record_script(
+                    keys=[state_key, *(limit_keys[i] for i in own)],
+                    args=[*args, "", "", len(own), *_limit_args([limits[i] for i in own])],
+                ),
+                self._touch_registry_script(
+                    keys=[self._registry],
+                    args=[client_id, score, "gt", self._max_clients, trim_before],
+                ),
+                *(
+                    self._limits_script(
+                        keys=[limit_keys[i] for i in indexes],
+                        args=_limit_args([limits[i] for i in indexes]),
+                    )
+                    for indexes in groups.values()
+                ),
+            ]
+            (fields, own_replies), _, *other_replies = await asyncio.gather(*calls)
+            states: list[LimitState | None] = [None] * len(limits)
+            for indexes, replies in zip(
+                [own, *groups.values()], [own_replies, *other_replies], strict=True
+            ):
+                for index, state in zip(indexes, _limit_states(replies), strict=True):
+                    states[index] = state
+            record = _parse(client_id, _pairs(fields), now)
+            return _with_limits(record, [state for state in states if state is not None])
 
     async def get_client(self, client_id: str) -> ClientRecord | None:
         """Return the client's record, or ``None`` when unknown or expired."""
@@ -389,15 +590,33 @@ class RedisStore:
             return bool(await self._client.ping())
 
     async def close(self) -> None:
-        """Close the client and its connections."""
-        async with self._guard("close"):
+        """Close the client, the helpers (Sentinel's) and their connections."""
+        async with self._guard("close", discover=False):
             await self._client.aclose()
+            for helper in self._helpers:
+                await helper.aclose()
+
+    async def _discover(self) -> None:
+        """Read the cluster's slots once, before the first command.
+
+        redis-py 8.1 discovers them lazily inside the first commands; a burst of concurrent
+        first commands then meets MOVED replies, closes connections under commands in
+        flight and retries them, and a script that had already run runs twice (a request
+        counted and charged twice). One discovery up front avoids that.
+        """
+        async with self._discovery:
+            if not self._discovered:
+                assert isinstance(self._client, RedisCluster)
+                await self._client.initialize()
+                self._discovered = True
 
     @contextlib.asynccontextmanager
-    async def _guard(self, operation: str) -> AsyncIterator[None]:
+    async def _guard(self, operation: str, *, discover: bool = True) -> AsyncIterator[None]:
         """Bound the block by ``timeout_s`` and turn any failure into ``StoreError``."""
         try:
             async with asyncio.timeout(self._timeout_s):
+                if discover and not self._discovered:
+                    await self._discover()
                 yield
         except TimeoutError as exc:
             raise StoreError(f"redis {operation} timed out after {self._timeout_s}s") from exc
@@ -409,6 +628,69 @@ class RedisStore:
 def _escape(client_id: str) -> str:
     """Percent-escape what would end or confuse the hash tag (injective)."""
     return client_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+def _limit_args(limits: Sequence[LimitCharge]) -> list[str | int]:
+    """Flatten charges into the scripts' ARGV: interval_s, burst, cost, mode per charge."""
+    args: list[str | int] = []
+    for charge in limits:
+        args += [repr(float(charge.interval_s)), charge.burst, charge.cost, int(charge.mode)]
+    return args
+
+
+def _limit_states(flat: Sequence[Any]) -> list[LimitState]:
+    """Turn apply_limits' reply (4 values per charge) into states."""
+    return [
+        LimitState(
+            allowed=int(flat[i]) == 1,
+            remaining=int(flat[i + 1]),
+            reset_s=float(flat[i + 2]),
+            retry_after_s=float(flat[i + 3]),
+        )
+        for i in range(0, len(flat), 4)
+    ]
+
+
+def _with_limits(record: ClientRecord, states: Sequence[LimitState]) -> ClientRecord:
+    return dataclasses.replace(record, limits=tuple(states)) if states else record
+
+
+@dataclass(frozen=True, slots=True)
+class _SentinelTarget:
+    """Where a ``redis+sentinel://`` URL points."""
+
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+
+
+def _parse_sentinel(rest: str) -> _SentinelTarget:
+    """Parse ``[[user]:password@]host:port[,host:port...]/service[/db]`` (after the scheme)."""
+    where, _, path = rest.partition("/")
+    userinfo, at, hosts = where.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    parts = [part for part in path.split("/") if part]
+    if not hosts or not 1 <= len(parts) <= 2 or "?" in path:
+        raise ValueError(
+            f"expected {{redis,rediss}}+sentinel://host:port[,host:port...]/service[/db], "
+            f"got {rest!r}"
+        )
+    sentinels = []
+    for address in hosts.split(","):
+        host, colon, port = address.rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ValueError(f"sentinel address must be host:port, got {address!r}")
+        sentinels.append((host.strip("[]"), int(port)))
+    if len(parts) == 2 and not parts[1].isdigit():
+        raise ValueError(f"sentinel database must be a number, got {parts[1]!r}")
+    db = int(parts[1]) if len(parts) == 2 else 0
+    return _SentinelTarget(sentinels, unquote(parts[0]), db, username, password)
 
 
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:

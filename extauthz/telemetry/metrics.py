@@ -33,6 +33,18 @@ INSTANCES = Counter(
     ["tier"],
     registry=REGISTRY,
 )
+TOKENS = Counter(
+    "extauthz_tokens",
+    "LLM tokens charged from answers' usage, by tier.",
+    ["tier"],
+    registry=REGISTRY,
+)
+LIMITED = Counter(
+    "extauthz_rate_limited",
+    "Requests refused by a limit, by unit (requests, instances, tokens) and scope.",
+    ["unit", "scope"],
+    registry=REGISTRY,
+)
 BODY_REWRITES = Counter(
     "extauthz_body_rewrites",
     "Model responses rewritten by an output policy, by dialect and policy.",

@@ -1,15 +1,17 @@
 """HTTP load through the real Envoy: what does extauthz's Check cost per request?
 
-Three set-ups run one after another, each on the reference ``envoy/envoy.yaml`` with its routes
+Four set-ups run one after another, each on the reference ``envoy/envoy.yaml`` with its routes
 replaced by a ``direct_response`` 200 (no upstream cost) and ext_proc removed:
 
   a. Envoy alone (ext_authz removed too): the ceiling;
   b. Envoy + a no-op grpc.aio ext_authz server (``noop_authz.py``): the floor of any Python hop;
-  c. Envoy + ``extauthz serve`` with ``bench-policy.yaml``: the real Check.
+  c. Envoy + ``extauthz serve`` with ``bench-policy.yaml`` and the memory store: the real Check;
+  d. the same with a private ``redis-server`` as the store: one Redis round trip per Check.
 
-The access log is dropped in all three, so the numbers are filters and hops, not disk writes.
+The access log is dropped in all of them, so the numbers are filters and hops, not disk writes.
 Envoy runs with ``--concurrency 1``; wrk with one thread and N connections for D seconds after a
-warm-up. The ratio c/b is what extauthz's decision work costs over the Python floor.
+warm-up. The ratio c/b is what extauthz's decision work costs over the Python floor; d/c what
+the shared store adds.
 
 Run as ``python -m tests.bench.run_bench [--duration 10] [--connections 8] [--json FILE]``.
 """
@@ -73,7 +75,8 @@ end
 SETUPS: dict[str, str] = {
     "a": "envoy alone",
     "b": "envoy + noop grpc.aio authz",
-    "c": "envoy + extauthz Check",
+    "c": "envoy + extauthz Check (memory)",
+    "d": "envoy + extauthz Check (redis)",
 }
 
 
@@ -239,15 +242,37 @@ def _authz_server(setup: str, grpc_port: int, workdir: Path) -> Iterator[Process
             proc.stop()
             raise
     else:
-        # No drain period: nothing routes to this guard once the run is over.
-        proc = start_guard(
-            policy=BENCH_POLICY,
-            grpc_port=grpc_port,
-            http_port=free_port(),
-            workdir=workdir,
-            extra_args=("--drain-s", "0"),
-        )
+        with ExitStack() as resources:
+            store = "memory"
+            if setup == "d":
+                redis_port = free_port()
+                resources.enter_context(_redis_server(redis_port, workdir))
+                store = f"redis://127.0.0.1:{redis_port}/0"
+            # No drain period: nothing routes to this guard once the run is over.
+            proc = start_guard(
+                policy=BENCH_POLICY,
+                grpc_port=grpc_port,
+                http_port=free_port(),
+                workdir=workdir,
+                extra_args=("--drain-s", "0", "--store", store),
+            )
+            with proc:
+                yield proc
+        return
     with proc:
+        yield proc
+
+
+@contextmanager
+def _redis_server(port: int, workdir: Path) -> Iterator[Process]:
+    """A private redis-server for set-up d (``apt-get install redis-server`` if missing)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise StackError("redis-server not found: apt-get install redis-server (or make redis)")
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = start_process(f"redis-{port}", argv, workdir=workdir)
+    with proc:
+        wait_tcp(port, timeout_s=10.0, proc=proc)
         yield proc
 
 
@@ -284,7 +309,7 @@ def ratios(results: Sequence[SetupResult]) -> dict[str, float]:
     """Return c/b and b/a ratios of requests/s and p50/p99 where both set-ups ran."""
     by_setup = {r.setup: r.result for r in results if r.result is not None}
     out: dict[str, float] = {}
-    for num, den in (("c", "b"), ("b", "a"), ("c", "a")):
+    for num, den in (("c", "b"), ("d", "b"), ("d", "c"), ("b", "a"), ("c", "a")):
         top, bottom = by_setup.get(num), by_setup.get(den)
         if top is None or bottom is None:
             continue
@@ -312,7 +337,7 @@ def format_table(results: Sequence[SetupResult], ratio: dict[str, float]) -> str
             f"{name:<34} {w.requests_per_s:>10.0f} {w.p50_ms:>8.3f} {w.p99_ms:>8.3f}"
             f" {w.non_2xx:>8d} {w.socket_errors:>8d}"
         )
-    for key in ("c/b", "b/a"):
+    for key in ("c/b", "d/b", "d/c", "b/a"):
         rps, p50 = ratio.get(f"{key}_requests_per_s"), ratio.get(f"{key}_p50")
         if rps is not None and p50 is not None:
             lines.append(f"ratio {key}: req/s x{rps:.3f}, p50 x{p50:.3f}")
@@ -327,7 +352,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=8, help="wrk connections")
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"), help="output")
     parser.add_argument(
-        "--setups", default="abc", help="which set-ups to run, e.g. 'ab' (default: abc)"
+        "--setups", default="abcd", help="which set-ups to run, e.g. 'ab' (default: abcd)"
     )
     parser.add_argument("--path", default="/", help="request path (default: /)")
     parser.add_argument(

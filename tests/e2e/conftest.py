@@ -17,6 +17,10 @@ from extauthz.demo.local import LocalStack
 FREE_KEY = "e2e-free-key"
 TRUSTED_KEY = "e2e-trusted-key"
 LEAKED_KEY = "e2e-leaked-key"
+METERED_KEY = "e2e-metered-key"
+LLM_KEY = "e2e-llm-key"
+METERED_PER_MINUTE = 3
+LLM_TOKENS_PER_DAY = 40
 
 
 def _digest(key: str) -> str:
@@ -30,10 +34,18 @@ identity:
     - {{name: freebie, tier: free, sha256: {_digest(FREE_KEY)}}}
     - {{name: bigco, tier: trusted, sha256: {_digest(TRUSTED_KEY)}}}
     - {{name: leaky, tier: free, sha256: {_digest(LEAKED_KEY)}}}
+    - {{name: meter, tier: metered, sha256: {_digest(METERED_KEY)}}}
+    - {{name: chatty, tier: llm, sha256: {_digest(LLM_KEY)}}}
 tiers:
   anonymous: {{max_instances: 16, output: {{policy: round, decimals: 2}}}}
   free: {{max_instances: 64, output: {{policy: round, decimals: 3}}}}
   trusted: {{max_instances: 20000, output: {{policy: passthrough}}}}
+  metered:
+    max_instances: 8
+    limits: [{{name: per-minute, unit: requests, rate: {METERED_PER_MINUTE}, per: minute}}]
+  llm:
+    max_instances: 4
+    limits: [{{name: tokens-daily, unit: tokens, rate: {LLM_TOKENS_PER_DAY}, per: day}}]
 deny:
   key_sha256: [{_digest(LEAKED_KEY)}]
 """

@@ -191,3 +191,145 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
     yield start
     for server in started:
         stop_redis(server)
+
+
+def redis_cli_binary() -> str:
+    """Return the redis-cli path (Debian: redis-tools, pulled in by redis-server); a missing
+    binary fails under CI=true, else skips."""
+    path = shutil.which("redis-cli")
+    if path is None:
+        message = "redis-cli is not on PATH"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class RedisCluster3:
+    """A running three-master Redis Cluster: its nodes and ``redis+cluster://`` URL."""
+
+    nodes: tuple[RedisProcess, ...]
+    url: str
+
+
+@pytest.fixture(scope="session")
+def redis_cluster3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster3]:
+    """Yield a real Redis Cluster of three masters on loopback, slots split by redis-cli.
+
+    Unlike the one-node cluster, keys of different slots live on different servers, so
+    the store must route each script to the node owning its slot (MOVED otherwise).
+    """
+    cli = redis_cli_binary()
+    workdir = tmp_path_factory.mktemp("redis-cluster3")
+    nodes: list[RedisProcess] = []
+    try:
+        for n in range(3):
+            node_dir = workdir / f"node{n}"
+            nodes.append(
+                start_redis(
+                    node_dir,
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(node_dir / "nodes.conf"),
+                    port=cluster_port(),
+                )
+            )
+        created = subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{node.port}" for node in nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if created.returncode != 0:
+            pytest.fail(f"redis-cli --cluster create failed:\n{created.stdout}\n{created.stderr}")
+        deadline = time.monotonic() + 30.0
+        for node in nodes:
+            with redis.Redis(host="127.0.0.1", port=node.port) as client:
+                while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"cluster node {node.port} did not reach cluster_state:ok")
+                    time.sleep(0.05)
+        yield RedisCluster3(nodes=tuple(nodes), url=f"redis+cluster://127.0.0.1:{nodes[0].port}")
+    finally:
+        for node in nodes:
+            stop_redis(node)
+
+
+@pytest.fixture
+def redis_cluster3(redis_cluster3_server: RedisCluster3) -> RedisCluster3:
+    """Return the three-node cluster after emptying every node."""
+    for node in redis_cluster3_server.nodes:
+        with redis.Redis(host="127.0.0.1", port=node.port) as client:
+            client.flushall()
+    return redis_cluster3_server
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSentinelSetup:
+    """A master redis-server watched by one Sentinel, and the ``redis+sentinel://`` URL."""
+
+    master: RedisProcess
+    sentinel: subprocess.Popen[bytes]
+    sentinel_port: int
+    service: str
+    url: str
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path: Path) -> Iterator[RedisSentinelSetup]:
+    """Yield a master and a Sentinel (quorum 1) that names it ``mymaster``, stopped after.
+
+    Sentinel rewrites its config file, so it is written fresh in the test's tmp dir.
+    """
+    binary = redis_server_binary()
+    master = start_redis(tmp_path / "master")
+    port, service = free_port(), "mymaster"
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor {service} 127.0.0.1 {master.port} 1\n"
+    )
+    log_path = tmp_path / "sentinel.log"
+    with open(log_path, "wb") as log:
+        sentinel = subprocess.Popen(
+            [binary, str(config), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+        )
+    handle = RedisProcess(process=sentinel, port=port, url="")
+    try:
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        with redis.Redis(
+            host="127.0.0.1", port=port, socket_timeout=0.5, socket_connect_timeout=0.5
+        ) as probe:
+            while True:
+                if sentinel.poll() is not None:
+                    text = log_path.read_text(errors="replace")
+                    pytest.fail(f"redis sentinel exited with {sentinel.returncode}:\n{text}")
+                try:
+                    address = probe.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", service)
+                    if address:
+                        break
+                except redis.RedisError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"sentinel on port {port} did not name {service}")
+                time.sleep(0.02)
+        yield RedisSentinelSetup(
+            master=master,
+            sentinel=sentinel,
+            sentinel_port=port,
+            service=service,
+            url=f"redis+sentinel://127.0.0.1:{port}/{service}",
+        )
+    finally:
+        stop_redis(handle)
+        stop_redis(master)

@@ -93,7 +93,7 @@ routes:
   - {{prefix: /v1/models/, dialect: kserve_v1}}
   - {{prefix: /v2/models/, dialect: oip_v2}}
 fail_modes:
-  store: allow
+  store: fail_open
   body: {body_fail_mode}
 retry_after_s: {retry_after_s}
 """

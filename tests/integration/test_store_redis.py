@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from extauthz.store.base import StoreError
-from extauthz.store.redis import RedisStore
+from extauthz.store.redis import RedisStore, _parse_sentinel
 from tests.integration.conftest import RedisProcess, free_port
 from tests.store_contract import LONG_TTL_S, Elapse, FakeClock, MakeStore, StoreContract
 
@@ -217,9 +217,35 @@ class TestUrls:
 
     @pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "127.0.0.1:6379", "memcache://x:1"])
     def test_unknown_schemes_are_refused(self, url: str, clock: FakeClock) -> None:
-        """Anything but redis, rediss, unix and their +cluster forms is a ValueError."""
+        """Anything but redis, rediss, unix and their +cluster and +sentinel forms is a ValueError."""
         with pytest.raises(ValueError):
             RedisStore.from_url(url, timeout_s=1.0, clock=clock)
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "redis+sentinel://127.0.0.1:26379",  # no service
+            "redis+sentinel://127.0.0.1:26379/",
+            "redis+sentinel://127.0.0.1/mymaster",  # no port
+            "redis+sentinel://127.0.0.1:26379/mymaster/zero",
+            "redis+sentinel://127.0.0.1:26379/mymaster/0/extra",
+        ],
+    )
+    def test_malformed_sentinel_urls_are_refused(self, url: str, clock: FakeClock) -> None:
+        """A Sentinel URL needs host:port pairs, a service name and at most a numeric db."""
+        with pytest.raises(ValueError):
+            RedisStore.from_url(url, timeout_s=1.0, clock=clock)
+
+    def test_sentinel_url_parts(self) -> None:
+        """Several sentinels, IPv6, credentials, the service and the db are all read."""
+        target = _parse_sentinel("u:p%40ss@10.0.0.1:26379,[::1]:26380/my%2Fmaster/3")
+        assert target.sentinels == [("10.0.0.1", 26379), ("::1", 26380)]
+        assert (target.service, target.db, target.username, target.password) == (
+            "my/master",
+            3,
+            "u",
+            "p@ss",
+        )
 
     def test_braces_in_the_prefix_are_refused(self, clock: FakeClock) -> None:
         """A prefix with a brace would move the hash tag, so it is refused."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
 
 from extauthz.core.decision import Decision, DecisionCore
 from extauthz.core.identity import RequestInfo, identify, in_networks, normalize_address
+from extauthz.core.limiter import LimitCharge
 from extauthz.core.risk import Action, RiskLevel, strictest
 from extauthz.policy.loader import Snapshot, load_default
 from extauthz.store.base import ClientRecord, StoreError
@@ -87,7 +88,14 @@ class _FailingStore(MemoryStore):
     """A store whose ``record`` always fails, as a Redis that is down."""
 
     async def record(
-        self, client_id: str, *, tier: str, requests: int, instances: int, now: float
+        self,
+        client_id: str,
+        *,
+        tier: str,
+        requests: int,
+        instances: int,
+        now: float,
+        limits: Sequence[LimitCharge] = (),
     ) -> ClientRecord:
         raise StoreError("connection refused")
 
@@ -98,7 +106,14 @@ class _SlowStore(MemoryStore):
     self_bounded = False  # it waits without a timeout of its own, so the core must bound it
 
     async def record(
-        self, client_id: str, *, tier: str, requests: int, instances: int, now: float
+        self,
+        client_id: str,
+        *,
+        tier: str,
+        requests: int,
+        instances: int,
+        now: float,
+        limits: Sequence[LimitCharge] = (),
     ) -> ClientRecord:
         await asyncio.sleep(30.0)
         raise AssertionError("the budget should have cancelled this call")
@@ -468,7 +483,7 @@ class TestStoreFailure:
     ) -> None:
         before = _store_errors()
         store = _FailingStore(clock=clock)
-        decision = await _core(keyed_policy("fail_modes: {store: allow}"), store, clock).decide(
+        decision = await _core(keyed_policy("fail_modes: {store: fail_open}"), store, clock).decide(
             _request(key=ALICE_KEY)
         )
         assert decision.action is Action.ALLOW
@@ -480,9 +495,9 @@ class TestStoreFailure:
         self, keyed_policy: Callable[[str], Snapshot], clock: FakeClock
     ) -> None:
         store = _FailingStore(clock=clock)
-        decision = await _core(keyed_policy("fail_modes: {store: deny}"), store, clock).decide(
-            _request(key=ALICE_KEY)
-        )
+        decision = await _core(
+            keyed_policy("fail_modes: {store: fail_closed}"), store, clock
+        ).decide(_request(key=ALICE_KEY))
         assert decision.action is Action.BLOCK
         assert decision.status == 503
         assert decision.error == "store_unavailable"
@@ -493,7 +508,7 @@ class TestStoreFailure:
     ) -> None:
         before = _store_errors()
         store = _SlowStore(clock=clock)
-        core = _core(keyed_policy("fail_modes: {store: deny}"), store, clock)
+        core = _core(keyed_policy("fail_modes: {store: fail_closed}"), store, clock)
         # Generous outer bound: the point is that decide() returns, not how fast.
         decision = await asyncio.wait_for(core.decide(_request(key=ALICE_KEY)), timeout=5.0)
         assert decision.status == 503
@@ -506,15 +521,19 @@ class TestStoreFailure:
         snapshot = keyed_policy("")
         identity = identify(_request(key=ALICE_KEY), snapshot)
         core = _core(snapshot, _FailingStore(clock=clock), clock)
-        assert await core.charge(identity, requests=1, instances=8) is None
+        charged = await core.charge(identity, requests=1, instances=8)
+        assert charged.record is None
+        assert charged.degraded
 
     async def test_charge_adds_instances(
         self, keyed_policy: Callable[[str], Snapshot], store: MemoryStore, clock: FakeClock
     ) -> None:
         snapshot = keyed_policy("")
         identity = identify(_request(key=ALICE_KEY), snapshot)
-        record = await _core(snapshot, store, clock).charge(identity, requests=0, instances=64)
+        charged = await _core(snapshot, store, clock).charge(identity, requests=0, instances=64)
+        record = charged.record
         assert record is not None
+        assert not charged.degraded
         assert (record.requests, record.instances) == (0, 64)
 
 

@@ -1,4 +1,5 @@
-"""Test the demo model server: training, KServe v1, Open Inference v2, bad input, big batches."""
+"""Test the demo model server: training, KServe v1, Open Inference v2, bad input, big batches,
+and the toy LLM's OpenAI-compatible chat, completions and embeddings."""
 
 from __future__ import annotations
 
@@ -18,15 +19,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extauthz.demo.model import (
+    EMBEDDING_DIM,
+    LLM_NAME,
     MAX_BODY_BYTES,
     BadInput,
     DemoModel,
     build_app,
+    chat_completion,
+    count_tokens,
+    embed,
+    embeddings,
     load_data,
     parse_v1,
     parse_v2,
     start,
+    text_completion,
 )
+from extauthz.dialects.openai import OpenAIDialect, token_usage
 
 Client = TestClient[web.Request, web.Application]
 V1 = "/v1/models/digits:predict"
@@ -387,3 +396,254 @@ class TestServing:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
+OPENAI = OpenAIDialect()
+
+
+def chat_body(*messages: tuple[str, str], **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "toy",
+        "messages": [{"role": role, "content": content} for role, content in messages],
+        **extra,
+    }
+
+
+def answer_count(doc: dict[str, Any]) -> int:
+    """Return the instances the guard's OpenAI dialect charges for a request body."""
+    return OPENAI.parse_request(json.dumps(doc).encode(), max_instances=10_000).instances
+
+
+class TestOpenAIChat:
+    """Chat completions reply with the last user message reversed and count words as tokens."""
+
+    async def test_reply_and_usage(self, client: Client) -> None:
+        body = chat_body(
+            ("system", "you are a helpful toy"),
+            ("user", "first question here"),
+            ("assistant", "here question first"),
+            ("user", "the quick brown fox"),
+        )
+        response = await client.post(CHAT_PATH, json=body)
+        assert response.status == 200
+        answer = await response.json()
+        assert answer["object"] == "chat.completion"
+        assert answer["model"] == "toy"
+        assert answer["id"].startswith("chatcmpl-")
+        assert isinstance(answer["created"], int) and answer["created"] > 0
+        assert answer["choices"] == [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "fox brown quick the"},
+                "finish_reason": "stop",
+            }
+        ]
+        # 5 + 3 + 3 + 4 prompt words; 4 words generated.
+        assert answer["usage"] == {"prompt_tokens": 15, "completion_tokens": 4, "total_tokens": 19}
+        assert token_usage(OPENAI.parse_response(await response.read()).doc) == 19
+
+    async def test_max_tokens_caps_the_reply(self, client: Client) -> None:
+        words = " ".join(f"w{i}" for i in range(40))
+        default = await (await client.post(CHAT_PATH, json=chat_body(("user", words)))).json()
+        assert count_tokens(default["choices"][0]["message"]["content"]) == 16
+        assert default["choices"][0]["finish_reason"] == "length"
+        assert default["usage"]["completion_tokens"] == 16
+        capped = await (
+            await client.post(CHAT_PATH, json=chat_body(("user", words), max_tokens=3))
+        ).json()
+        assert capped["choices"][0]["message"]["content"] == "w39 w38 w37"
+        assert capped["usage"] == {"prompt_tokens": 40, "completion_tokens": 3, "total_tokens": 43}
+        newer = await (
+            await client.post(
+                CHAT_PATH, json=chat_body(("user", words), max_tokens=3, max_completion_tokens=5)
+            )
+        ).json()
+        assert newer["usage"]["completion_tokens"] == 5
+
+    async def test_n_choices_are_each_counted(self, client: Client) -> None:
+        body = chat_body(("user", "one two three"), n=4)
+        answer = await (await client.post(CHAT_PATH, json=body)).json()
+        assert [choice["index"] for choice in answer["choices"]] == [0, 1, 2, 3]
+        assert {choice["message"]["content"] for choice in answer["choices"]} == {"three two one"}
+        assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
+        assert len(answer["choices"]) == answer_count(body)
+
+    async def test_text_parts_are_read(self, client: Client) -> None:
+        content = [{"type": "text", "text": "alpha beta"}, {"type": "text", "text": "gamma"}]
+        body = {"messages": [{"role": "user", "content": content}]}
+        answer = await (await client.post(CHAT_PATH, json=body)).json()
+        assert answer["choices"][0]["message"]["content"] == "gamma beta alpha"
+        assert answer["model"] == LLM_NAME
+        assert answer["usage"]["prompt_tokens"] == 3
+
+    async def test_deterministic_but_for_id_and_time(self, client: Client) -> None:
+        body = chat_body(("user", "same words every time"), n=2)
+        first = await (await client.post(CHAT_PATH, json=body)).json()
+        second = await (await client.post(CHAT_PATH, json=body)).json()
+        assert first["id"] != second["id"]
+        for key in ("choices", "usage", "model", "object"):
+            assert first[key] == second[key]
+
+    def test_pure_function_takes_id_and_time(self) -> None:
+        answer = chat_completion(
+            chat_body(("user", "a b")), completion_id="c-1", created=7, default_model="m"
+        )
+        assert (answer["id"], answer["created"], answer["model"]) == ("c-1", 7, "toy")
+
+    async def test_stream_is_refused(self, client: Client) -> None:
+        response = await client.post(CHAT_PATH, json=chat_body(("user", "hi"), stream=True))
+        assert response.status == 400
+        assert await response.json() == {"error": "streaming is not supported by the demo model"}
+
+    async def test_stream_false_is_answered(self, client: Client) -> None:
+        response = await client.post(CHAT_PATH, json=chat_body(("user", "hi"), stream=False))
+        assert response.status == 200
+
+    async def test_does_not_shadow_kserve(self, client: Client, test_rows: np.ndarray) -> None:
+        response = await client.post(
+            "/v1/models/digits:predict", json={"instances": test_rows[:1].tolist()}
+        )
+        assert response.status == 200
+        assert (await client.get(CHAT_PATH)).status == 405
+
+
+class TestOpenAICompletions:
+    """Completions answer n choices per prompt, indexed prompt by prompt, with summed usage."""
+
+    async def test_one_prompt(self, client: Client) -> None:
+        response = await client.post(COMPLETIONS_PATH, json={"model": "t", "prompt": "a b c"})
+        assert response.status == 200
+        answer = await response.json()
+        assert answer["object"] == "text_completion"
+        assert answer["id"].startswith("cmpl-")
+        assert answer["choices"] == [
+            {"index": 0, "text": "c b a", "logprobs": None, "finish_reason": "stop"}
+        ]
+        assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+
+    async def test_prompts_times_n(self, client: Client) -> None:
+        body = {"prompt": ["a b", "c d e f"], "n": 3, "max_tokens": 3}
+        answer = await (await client.post(COMPLETIONS_PATH, json=body)).json()
+        assert [c["index"] for c in answer["choices"]] == list(range(6))
+        assert [c["text"] for c in answer["choices"]] == ["b a"] * 3 + ["f e d"] * 3
+        assert [c["finish_reason"] for c in answer["choices"]] == ["stop"] * 3 + ["length"] * 3
+        # Prompt words 2 + 4; generated 3 x (2 + 3).
+        assert answer["usage"] == {"prompt_tokens": 6, "completion_tokens": 15, "total_tokens": 21}
+        assert len(answer["choices"]) == answer_count(body)
+
+    def test_pure_function(self) -> None:
+        answer = text_completion(
+            {"prompt": "x y"}, completion_id="cmpl-9", created=1, default_model="d"
+        )
+        assert (answer["id"], answer["created"], answer["model"]) == ("cmpl-9", 1, "d")
+        assert answer["choices"][0]["text"] == "y x"
+
+    async def test_stream_is_refused(self, client: Client) -> None:
+        response = await client.post(COMPLETIONS_PATH, json={"prompt": "a", "stream": True})
+        assert response.status == 400
+        assert await response.json() == {"error": "streaming is not supported by the demo model"}
+
+
+class TestOpenAIEmbeddings:
+    """Embeddings are deterministic unit vectors per input text, with prompt-only usage."""
+
+    async def test_vectors_and_usage(self, client: Client) -> None:
+        body = {"model": "e", "input": ["hello world", "a b c", "hello world"]}
+        response = await client.post(EMBEDDINGS_PATH, json=body)
+        assert response.status == 200
+        answer = await response.json()
+        assert answer["object"] == "list" and answer["model"] == "e"
+        assert [item["index"] for item in answer["data"]] == [0, 1, 2]
+        vectors = np.asarray([item["embedding"] for item in answer["data"]])
+        assert vectors.shape == (3, EMBEDDING_DIM)
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-12)
+        np.testing.assert_array_equal(vectors[0], vectors[2])
+        assert not np.allclose(vectors[0], vectors[1])
+        assert answer["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+        # The guard's dialect reads the same vectors and tokens back.
+        parsed = OPENAI.parse_response(await response.read())
+        np.testing.assert_array_equal(parsed.outputs["embedding"], vectors)
+        assert token_usage(parsed.doc) == 7
+        assert answer_count(body) == 3
+
+    def test_same_text_same_vector_in_every_call(self) -> None:
+        np.testing.assert_array_equal(embed(["x y"]), embed(["x y"]))
+        single = embeddings({"input": "x y"}, default_model="m")
+        assert single["data"][0]["embedding"] == embed(["x y"])[0].tolist()
+        assert single["model"] == "m"
+
+    async def test_base64_is_refused(self, client: Client) -> None:
+        body = {"input": "a", "encoding_format": "base64"}
+        assert (await client.post(EMBEDDINGS_PATH, json=body)).status == 400
+
+
+BAD_OPENAI = {
+    "chat-not-json": (CHAT_PATH, b"{messages"),
+    "chat-not-object": (CHAT_PATH, b"[]"),
+    "chat-no-messages": (CHAT_PATH, b'{"model": "m"}'),
+    "chat-empty-messages": (CHAT_PATH, b'{"messages": []}'),
+    "chat-no-user": (CHAT_PATH, b'{"messages": [{"role": "system", "content": "x"}]}'),
+    "chat-no-role": (CHAT_PATH, b'{"messages": [{"content": "x"}]}'),
+    "chat-image-part": (
+        CHAT_PATH,
+        b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+    ),
+    "chat-n-zero": (CHAT_PATH, b'{"messages": [{"role": "user", "content": "x"}], "n": 0}'),
+    "chat-n-huge": (CHAT_PATH, b'{"messages": [{"role": "user", "content": "x"}], "n": 129}'),
+    "chat-n-string": (CHAT_PATH, b'{"messages": [{"role": "user", "content": "x"}], "n": "2"}'),
+    "chat-max-tokens-zero": (
+        CHAT_PATH,
+        b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+    ),
+    "chat-model-number": (
+        CHAT_PATH,
+        b'{"messages": [{"role": "user", "content": "x"}], "model": 3}',
+    ),
+    "completions-no-prompt": (COMPLETIONS_PATH, b'{"model": "m"}'),
+    "completions-token-ids": (COMPLETIONS_PATH, b'{"prompt": [1, 2, 3]}'),
+    "completions-empty-list": (COMPLETIONS_PATH, b'{"prompt": []}'),
+    "embeddings-no-input": (EMBEDDINGS_PATH, b'{"model": "m"}'),
+    "embeddings-number": (EMBEDDINGS_PATH, b'{"input": 3}'),
+}
+
+
+class TestOpenAIBadInput:
+    """Bad LLM bodies get a 400 JSON error and the server keeps serving."""
+
+    @pytest.mark.parametrize(("path", "body"), BAD_OPENAI.values(), ids=BAD_OPENAI.keys())
+    async def test_bad_body(self, client: Client, path: str, body: bytes) -> None:
+        response = await client.post(path, data=body)
+        assert response.status == 400
+        assert isinstance((await response.json())["error"], str)
+        healthy = await client.post(CHAT_PATH, json=chat_body(("user", "still here")))
+        assert healthy.status == 200
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        payload=st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+            lambda children: (
+                st.lists(children, max_size=5)
+                | st.dictionaries(
+                    st.sampled_from(
+                        ["messages", "role", "content", "prompt", "input", "n", "max_tokens"]
+                    ),
+                    children,
+                )
+            ),
+            max_leaves=30,
+        )
+    )
+    def test_handlers_raise_only_bad_input(self, payload: object) -> None:
+        for call in (
+            lambda: chat_completion(payload, completion_id="c", created=0, default_model="m"),
+            lambda: text_completion(payload, completion_id="c", created=0, default_model="m"),
+            lambda: embeddings(payload, default_model="m"),
+        ):
+            try:
+                call()
+            except BadInput:
+                pass

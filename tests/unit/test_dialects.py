@@ -50,11 +50,12 @@ class TestRegistry:
     def test_get_dialect_by_name(self) -> None:
         assert get_dialect("kserve_v1").name == "kserve_v1"
         assert get_dialect("oip_v2").name == "oip_v2"
-        assert set(DIALECTS) == {"kserve_v1", "oip_v2"}
+        assert get_dialect("openai").name == "openai"
+        assert set(DIALECTS) == {"kserve_v1", "oip_v2", "openai"}
 
     def test_unknown_name_lists_known_ones(self) -> None:
-        with pytest.raises(KeyError, match="kserve_v1, oip_v2"):
-            get_dialect("openai")
+        with pytest.raises(KeyError, match="kserve_v1, oip_v2, openai"):
+            get_dialect("tensorflow")
 
     @pytest.mark.parametrize(
         ("path", "expected"),

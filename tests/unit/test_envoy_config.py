@@ -143,11 +143,11 @@ class TestReferenceConfig:
 
     def test_ext_proc_is_disabled_off_model_routes_only(self, reference: dict[str, Any]) -> None:
         (vhost,) = _hcm(reference)["route_config"]["virtual_hosts"]
-        by_prefix = {r["match"]["prefix"]: r for r in vhost["routes"]}
-        other = by_prefix["/"]["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
+        by_name = {r["name"]: r for r in vhost["routes"]}
+        other = by_name["other"]["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
         assert other["disabled"] is True
-        for prefix in ("/v1/models/", "/v2/models/"):
-            per_filter = by_prefix[prefix].get("typed_per_filter_config", {})
+        for name in ("model_v1", "model_v2", "openai"):
+            per_filter = by_name[name].get("typed_per_filter_config", {})
             assert "envoy.filters.http.ext_proc" not in per_filter
         # The catch-all comes last, or it would shadow the model routes.
         assert vhost["routes"][-1]["match"] == {"prefix": "/"}

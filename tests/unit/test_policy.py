@@ -79,15 +79,18 @@ class TestDefaultPolicy:
         assert policy.levels.action_for(RiskLevel.NORMAL) is Action.ALLOW
         assert policy.levels.action_for(RiskLevel.SUSPICIOUS) is Action.CHALLENGE
         assert policy.levels.action_for(RiskLevel.ABUSIVE) is Action.BLOCK
-        assert policy.fail_modes.store == "allow"
+        assert policy.fail_modes.store == "fail_open"
         assert policy.retry_after_s == 60
 
     def test_default_protects_both_model_dialects(self) -> None:
-        """KServe v1 and OIP v2 routes are protected by default."""
+        """KServe v1, OIP v2 and OpenAI-compatible routes are protected by default."""
         policy = load_default().policy
         assert [(r.prefix, r.dialect) for r in policy.routes] == [
             ("/v1/models/", "kserve_v1"),
             ("/v2/models/", "oip_v2"),
+            ("/v1/chat/completions", "openai"),
+            ("/v1/completions", "openai"),
+            ("/v1/embeddings", "openai"),
         ]
 
     def test_default_digest_is_stable(self) -> None:

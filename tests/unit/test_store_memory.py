@@ -1,13 +1,25 @@
-"""MemoryStore: the Store contract, plus its bounds (LRU cap, pinned evicted last, expiry)."""
+"""MemoryStore: the Store and limits contracts, plus its bounds (LRU cap, pinned evicted last,
+expiry, limit keys)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 
 import pytest
 
+from extauthz.store.base import Store
 from extauthz.store.memory import MemoryStore
-from tests.store_contract import LONG_TTL_S, Elapse, FakeClock, MakeStore, StoreContract
+from tests.store_contract import (
+    LONG_TTL_S,
+    Elapse,
+    FakeClock,
+    LimitsContract,
+    LimitTtl,
+    MakeStore,
+    StoreContract,
+    daily,
+)
 
 
 @pytest.fixture
@@ -123,3 +135,41 @@ class TestMemoryStoreValidation:
             await store.set_level(
                 "c", level="abusive", blocked=False, reason="", now=clock(), ttl_s=0.0
             )
+
+
+@pytest.fixture
+def clock_slack_s() -> float:
+    return 0.0  # limits run on the ``now`` given to record()
+
+
+@pytest.fixture
+def limit_ttl() -> LimitTtl:
+    async def limit_ttl(store: Store, tag: str, name: str) -> float | None:
+        # MemoryStore keeps a TAT until the key cap evicts it: no time limit.
+        assert isinstance(store, MemoryStore)
+        return math.inf if (tag, name) in store._tats else None
+
+    return limit_ttl
+
+
+class TestMemoryStoreLimits(LimitsContract):
+    """MemoryStore's limits answer as core.limiter.evaluate does."""
+
+
+class TestMemoryStoreLimitKeys:
+    """MemoryStore bounds its limit state by a cap on keys."""
+
+    async def test_limit_keys_are_capped(self, clock: FakeClock) -> None:
+        """More subjects than max_limit_keys leave exactly the cap, the most recent kept."""
+        store = MemoryStore(max_clients=10, ttl_s=LONG_TTL_S, clock=clock, max_limit_keys=20)
+        for n in range(100):
+            await store.record(
+                "c",
+                tier="t",
+                requests=1,
+                instances=1,
+                now=clock(),
+                limits=[daily(f"a:{n}", "day", 5)],
+            )
+        assert len(store._tats) == 20
+        assert ("a:99", "day") in store._tats and ("a:79", "day") not in store._tats

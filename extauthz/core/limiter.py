@@ -1,0 +1,186 @@
+"""Limits as GCRA (the generic cell rate algorithm): pure arithmetic shared by every store.
+
+Why GCRA: one number per limit and key (the theoretical arrival time, TAT) is the whole
+state, so a decision is one atomic read-modify-write (a Lua script in Redis) and memory per
+client is constant; it is exact under concurrency when that step is atomic; and it refills
+smoothly, so there is no window boundary where a client gets twice its budget (the flaw of
+fixed windows). A limit of ``rate`` units per ``window`` with ``burst`` B has an emission
+interval T = window / rate and admits a cost c when ``max(TAT, now) + c*T - now <= B*T``.
+A quota (``10000 instances per day``) is the case B = rate: the whole day's budget can be
+spent at once and comes back at rate / window.
+
+The Redis store's Lua script mirrors ``step`` line for line; a contract test holds them equal.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Slack, in units, so that exactly-full budgets are admitted despite rounding in c*T sums.
+_EPSILON = 1e-6
+
+
+class ChargeMode(enum.IntEnum):
+    """How a charge treats its limit."""
+
+    CHARGE = 0  # admit when the cost fits, then take it
+    PROBE = 1  # admit when one unit is left; take nothing (a budget spent after the fact)
+    FORCE = 2  # take the cost whatever is left (tokens, known only after the answer)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitCharge:
+    """One limit applied to one key: ``tag`` names the subject (a client, an address, a
+    subnet), ``name`` the limit; the store keeps one TAT per (tag, name)."""
+
+    tag: str
+    name: str
+    interval_s: float
+    burst: int
+    cost: int
+    mode: ChargeMode = ChargeMode.CHARGE
+
+    @property
+    def tolerance_s(self) -> float:
+        return self.burst * self.interval_s
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """A limit's answer: admitted or not, units left, seconds until full, seconds to wait."""
+
+    allowed: bool
+    remaining: int
+    reset_s: float
+    retry_after_s: float = 0.0
+
+
+def step(tat: float, now: float, charge: LimitCharge) -> tuple[LimitState, float]:
+    """Apply ``charge`` to a limit whose stored TAT is ``tat``; return its state and new TAT.
+
+    Arithmetic runs on offsets from ``now`` (the debt), never on absolute times, so rounding
+    does not grow with the clock: at a unix-epoch clock a relative slack on absolute times
+    would be seconds of free budget.
+    """
+    interval = charge.interval_s
+    tolerance = charge.tolerance_s
+    debt = max(tat - now, 0.0)  # seconds of budget already taken and not yet returned
+    slack = _EPSILON * interval  # a millionth of a unit: absorbs c*T rounding only
+    if charge.mode is ChargeMode.FORCE:
+        new_debt = debt + charge.cost * interval
+        remaining = max(0, math.floor((tolerance - new_debt) / interval + _EPSILON))
+        return LimitState(True, remaining, new_debt), now + new_debt
+    cost = 1 if charge.mode is ChargeMode.PROBE else charge.cost
+    wanted = debt + cost * interval
+    if wanted <= tolerance + slack:
+        taken = wanted if charge.mode is ChargeMode.CHARGE else debt
+        new_tat = now + taken if charge.mode is ChargeMode.CHARGE else tat
+        remaining = max(0, math.floor((tolerance - taken) / interval + _EPSILON))
+        return LimitState(True, remaining, taken), new_tat
+    remaining = max(0, math.floor((tolerance - debt) / interval + _EPSILON))
+    return LimitState(False, remaining, debt, wanted - tolerance), tat
+
+
+def evaluate(
+    tats: Sequence[float], charges: Sequence[LimitCharge], now: float
+) -> tuple[list[LimitState], list[float]]:
+    """Apply every charge all-or-nothing: when any CHARGE or PROBE is refused, no TAT moves
+    but those of FORCE charges. Return the states and the TATs to store."""
+    results = [step(tat, now, charge) for tat, charge in zip(tats, charges, strict=True)]
+    refused = any(not state.allowed for state, _ in results)
+    states = [state for state, _ in results]
+    new_tats = [
+        new_tat if (not refused or charge.mode is ChargeMode.FORCE) else tat
+        for (_, new_tat), tat, charge in zip(results, tats, charges, strict=True)
+    ]
+    if refused:
+        # The admitted parts of a refused request took nothing: report what is really left.
+        states = [
+            _untaken(tat, now, charge)
+            if state.allowed and charge.mode is ChargeMode.CHARGE
+            else state
+            for state, tat, charge in zip(states, tats, charges, strict=True)
+        ]
+    return states, new_tats
+
+
+def _untaken(tat: float, now: float, charge: LimitCharge) -> LimitState:
+    probe = LimitCharge(
+        charge.tag, charge.name, charge.interval_s, charge.burst, 1, ChargeMode.PROBE
+    )
+    return step(tat, now, probe)[0]
+
+
+# --- from the policy to charges, and back to HTTP fields ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedLimit:
+    """A policy limit as applied to one request, with its answer (for headers and bodies)."""
+
+    name: str
+    unit: str
+    scope: str
+    quota: int
+    window_s: float
+    state: LimitState
+
+
+def subject_tag(
+    scope: str, client_id: str, address: str, *, ipv4_prefix: int, ipv6_prefix: int
+) -> str:
+    """The store tag of a limit's subject: the client, its address, or its subnet."""
+    if scope == "client":
+        return f"c:{client_id}"
+    if scope == "address":
+        return f"a:{address}"
+    return f"n:{subnet_of(address, ipv4_prefix=ipv4_prefix, ipv6_prefix=ipv6_prefix)}"
+
+
+def subnet_of(address: str, *, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    """The network (``203.0.113.0/24``, ``2001:db8::/64``) holding ``address``."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # "unknown": one shared bucket for clients without an address
+    prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def scaled(charge: LimitCharge, divisor: int) -> LimitCharge:
+    """The same limit with its rate and burst divided by ``divisor`` (per-replica fallback)."""
+    if divisor <= 1:
+        return charge
+    return LimitCharge(
+        charge.tag,
+        charge.name,
+        charge.interval_s * divisor,
+        max(1, charge.burst // divisor),
+        charge.cost,
+        charge.mode,
+    )
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def rate_limit_fields(applied: Sequence[AppliedLimit]) -> list[tuple[str, str]]:
+    """``RateLimit-Policy`` and ``RateLimit`` fields of draft-ietf-httpapi-ratelimit-headers-10.
+
+    Each limit is a quota policy item ``"name";q=<quota>;w=<window s>;qu="<unit>"`` and a
+    service limit item ``"name";r=<remaining>;t=<seconds until full>``.
+    """
+    if not applied:
+        return []
+    policies = ", ".join(
+        f"{_quoted(a.name)};q={a.quota};w={round(a.window_s)};qu={_quoted(a.unit)}" for a in applied
+    )
+    limits = ", ".join(
+        f"{_quoted(a.name)};r={a.state.remaining};t={math.ceil(a.state.reset_s)}" for a in applied
+    )
+    return [("ratelimit-policy", policies), ("ratelimit", limits)]
