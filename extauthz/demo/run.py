@@ -89,7 +89,7 @@ def run_traffic(stack: LocalStack, say: Callable[[str], None]) -> list[ClientRep
         forged = http.post(KSERVE, _kserve(x_test[:1]), headers={"x-extauthz-tier": "trusted"})
         anon.record(forged, 1)
         anon.notes.append(
-            f"forged x-extauthz-tier: trusted -> answered with {_decimals(forged.json())} decimals all the same"
+            f"forged x-extauthz-tier: trusted -> still served as anonymous ({_decimals(forged.json())} decimals at most)"
         )
     reports.append(anon)
 
@@ -132,11 +132,21 @@ def run_traffic(stack: LocalStack, say: Callable[[str], None]) -> list[ClientRep
         leaked.notes.append(f"unknown key refused: {reply.json().get('error')}")
     reports.append(leaked)
 
-    # 5. A harvester: big batches, then pinned abusive by an operator and blocked.
+    # 5. A harvester: batches until its daily instance quota is spent, an oversized batch,
+    #    then pinned abusive by an operator and blocked.
     harvester = ClientReport("harvester (anonymous)", "127.0.0.3")
     with Client(port, source=harvester.source) as http:
-        for start in range(0, 160, 16):
-            harvester.record(http.post(KSERVE, _kserve(x_test[start : start + 16])), 16)
+        for start in range(0, 16 * 20, 16):
+            reply = harvester.record(http.post(KSERVE, _kserve(x_test[start : start + 16])), 16)
+            if reply.status != 200:
+                break
+        limit = reply.json().get("limit", {})
+        harvester.notes.append(
+            f"daily quota of {limit.get('quota')} anonymous instances spent after "
+            f"{harvester.instances_answered}: {reply.status} {reply.json().get('error')}, "
+            f"Retry-After {reply.headers.get('retry-after')} s"
+        )
+        harvester.notes.append(f"RateLimit: {reply.headers.get('ratelimit')}")
         reply = harvester.record(http.post(KSERVE, _kserve(x_test[:64])), 64)
         harvester.notes.append(
             f"batch of 64 over the anonymous cap of 16: {reply.status} {reply.json().get('error')}"
@@ -194,8 +204,8 @@ def expectations(reports: list[ClientReport]) -> list[str]:
     if by_label["mallory (deny-listed key)"].statuses != collections.Counter({403: 1, 401: 1}):
         problems.append("the leaked or unknown key was not refused")
     harvester = by_label["harvester (anonymous)"].statuses
-    if harvester[413] != 1 or harvester[403] != 3:
-        problems.append("the harvester was not capped and blocked")
+    if harvester != collections.Counter({200: 12, 429: 1, 413: 1, 403: 3}):
+        problems.append("the harvester was not limited, capped and blocked")
     return problems
 
 
@@ -221,7 +231,8 @@ def run_demo(*, keep: bool = False, workdir: Path | None = None) -> int:
                 say(f"UNEXPECTED: {problem}")
             return 1
         say(
-            "demo ok: benign clients served, the leaked key, the harvester's oversized batch and the blocked client refused"
+            "demo ok: benign clients served; the leaked key, the harvester's spent quota, its oversized batch "
+            "and the blocked client refused"
         )
         if keep:
             say(

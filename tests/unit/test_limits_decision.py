@@ -300,3 +300,18 @@ class TestRateLimitFields:
             ("ratelimit", '"free:rps";r=9;t=1, "free:daily";r=0;t=3601'),
         ]
         assert rate_limit_fields([]) == []
+
+
+class TestBuiltInPolicy:
+    """The built-in policy limits anonymous clients as the README says."""
+
+    async def test_anonymous_burst_and_daily_quota(self, clock: FakeClock) -> None:
+        from extauthz.policy.loader import load_default
+
+        snapshot = load_default()
+        core = _core(snapshot, MemoryStore(clock=clock), clock)
+        burst = [await core.decide(_request("198.51.100.7", key=None)) for _ in range(21)]
+        assert [d.action for d in burst].count(Action.ALLOW) == 20
+        assert burst[-1].refused_by is not None and burst[-1].refused_by.name == "anonymous:burst"
+        daily = next(a for a in burst[0].limits if a.name == "anonymous:daily")
+        assert (daily.quota, daily.window_s, daily.unit) == (1000, 86_400.0, "instances")
