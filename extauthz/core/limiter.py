@@ -20,9 +20,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# Slack, in units, so that exactly-full budgets are admitted despite rounding in c*T sums.
-_EPSILON = 1e-6
-
 
 class ChargeMode(enum.IntEnum):
     """How a charge treats its limit."""
@@ -62,27 +59,32 @@ class LimitState:
 def step(tat: float, now: float, charge: LimitCharge) -> tuple[LimitState, float]:
     """Apply ``charge`` to a limit whose stored TAT is ``tat``; return its state and new TAT.
 
-    Arithmetic runs on offsets from ``now`` (the debt), never on absolute times, so rounding
-    does not grow with the clock: at a unix-epoch clock a relative slack on absolute times
-    would be seconds of free budget.
+    The arithmetic runs in integer microseconds (exact in a double up to 2**53, some 285 years
+    of epoch time): float seconds near a unix-epoch clock carry rounding of a quarter
+    microsecond per step, which adds up over a burst and refuses its last unit.
     """
-    interval = charge.interval_s
-    tolerance = charge.tolerance_s
-    debt = max(tat - now, 0.0)  # seconds of budget already taken and not yet returned
-    slack = _EPSILON * interval  # a millionth of a unit: absorbs c*T rounding only
+    interval = micros(charge.interval_s) or 1
+    tolerance = charge.burst * interval
+    now_us = micros(now)
+    tat_us = micros(tat)
+    debt = max(tat_us - now_us, 0)  # budget already taken and not yet returned
     if charge.mode is ChargeMode.FORCE:
         new_debt = debt + charge.cost * interval
-        remaining = max(0, math.floor((tolerance - new_debt) / interval + _EPSILON))
-        return LimitState(True, remaining, new_debt), now + new_debt
+        remaining = max(0, (tolerance - new_debt) // interval)
+        return LimitState(True, remaining, new_debt / 1e6), (now_us + new_debt) / 1e6
     cost = 1 if charge.mode is ChargeMode.PROBE else charge.cost
     wanted = debt + cost * interval
-    if wanted <= tolerance + slack:
+    if wanted <= tolerance:
         taken = wanted if charge.mode is ChargeMode.CHARGE else debt
-        new_tat = now + taken if charge.mode is ChargeMode.CHARGE else tat
-        remaining = max(0, math.floor((tolerance - taken) / interval + _EPSILON))
-        return LimitState(True, remaining, taken), new_tat
-    remaining = max(0, math.floor((tolerance - debt) / interval + _EPSILON))
-    return LimitState(False, remaining, debt, wanted - tolerance), tat
+        new_tat = (now_us + wanted) / 1e6 if charge.mode is ChargeMode.CHARGE else tat
+        return LimitState(True, (tolerance - taken) // interval, taken / 1e6), new_tat
+    remaining = max(0, (tolerance - debt) // interval)
+    return LimitState(False, remaining, debt / 1e6, (wanted - tolerance) / 1e6), tat
+
+
+def micros(seconds: float) -> int:
+    """Seconds as whole microseconds (round half away from zero, as the Lua mirror does)."""
+    return math.floor(seconds * 1_000_000 + 0.5)
 
 
 def evaluate(

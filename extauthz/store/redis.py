@@ -45,7 +45,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
-from extauthz.core.limiter import _EPSILON, LimitCharge, LimitState
+from extauthz.core.limiter import LimitCharge, LimitState
 from extauthz.store.base import ClientRecord, StoreError
 
 _TRIM_EVERY = 1024
@@ -70,36 +70,40 @@ _LIMIT_EXPIRY_MARGIN_MS = 1_000
 # cost, mode) all-or-nothing and returns 4 values per charge: allowed (0 | 1), remaining,
 # reset_s and retry_after_s (as text: a Lua number in a reply is cut to an integer).
 _LIMITS_LUA = f"""
-local EPSILON, CHARGE, PROBE, FORCE = {_EPSILON!r}, 0, 1, 2
+local CHARGE, PROBE, FORCE = 0, 1, 2
 
-local function step(tat, now, interval, burst, cost, mode)
+-- core.limiter.step in integer microseconds (exact in Lua's doubles up to 2^53).
+local function micros(seconds)
+  return math.floor(seconds * 1000000 + 0.5)
+end
+
+local function step(tat, now, interval_s, burst, cost, mode)
+  local interval = math.max(micros(interval_s), 1)
   local tolerance = burst * interval
-  local debt = math.max(tat - now, 0.0)
-  local slack = EPSILON * interval
+  local debt = math.max(tat - now, 0)
   if mode == FORCE then
     local new_debt = debt + cost * interval
-    local remaining = math.max(0, math.floor((tolerance - new_debt) / interval + EPSILON))
-    return {{true, remaining, new_debt, 0.0}}, now + new_debt
+    local remaining = math.max(0, math.floor((tolerance - new_debt) / interval))
+    return {{true, remaining, new_debt, 0}}, now + new_debt
   end
   if mode == PROBE then
     cost = 1
   end
   local wanted = debt + cost * interval
-  if wanted <= tolerance + slack then
+  if wanted <= tolerance then
     local taken, new_tat = debt, tat
     if mode == CHARGE then
       taken, new_tat = wanted, now + wanted
     end
-    local remaining = math.max(0, math.floor((tolerance - taken) / interval + EPSILON))
-    return {{true, remaining, taken, 0.0}}, new_tat
+    return {{true, math.floor((tolerance - taken) / interval), taken, 0}}, new_tat
   end
-  local remaining = math.max(0, math.floor((tolerance - debt) / interval + EPSILON))
+  local remaining = math.max(0, math.floor((tolerance - debt) / interval))
   return {{false, remaining, debt, wanted - tolerance}}, tat
 end
 
 local function apply_limits(first_key, first_arg, n)
   local time = redis.call('TIME')
-  local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+  local now = tonumber(time[1]) * 1000000 + tonumber(time[2])  -- microseconds
   local keys, tats, charges, states, new_tats = {{}}, {{}}, {{}}, {{}}, {{}}
   local refused = false
   for i = 1, n do
@@ -125,16 +129,17 @@ local function apply_limits(first_key, first_arg, n)
     end
     if new_tat ~= tats[i] then
       if new_tat > now then
-        local ms = math.ceil((new_tat - now) * 1000) + {_LIMIT_EXPIRY_MARGIN_MS}
-        redis.call('SET', keys[i], string.format('%.17g', new_tat), 'PX', string.format('%d', ms))
+        local ms = math.ceil((new_tat - now) / 1000) + {_LIMIT_EXPIRY_MARGIN_MS}
+        redis.call('SET', keys[i], string.format('%.0f', new_tat), 'PX', string.format('%.0f', ms))
       else
         redis.call('DEL', keys[i])
       end
     end
+    -- Microsecond integers as text: Redis turns Lua numbers in replies into integers anyway.
     reply[#reply + 1] = state[1] and 1 or 0
     reply[#reply + 1] = state[2]
-    reply[#reply + 1] = string.format('%.17g', state[3])
-    reply[#reply + 1] = string.format('%.17g', state[4])
+    reply[#reply + 1] = string.format('%.0f', state[3])
+    reply[#reply + 1] = string.format('%.0f', state[4])
   end
   return reply
 end
@@ -644,8 +649,8 @@ def _limit_states(flat: Sequence[Any]) -> list[LimitState]:
         LimitState(
             allowed=int(flat[i]) == 1,
             remaining=int(flat[i + 1]),
-            reset_s=float(flat[i + 2]),
-            retry_after_s=float(flat[i + 3]),
+            reset_s=float(flat[i + 2]) / 1e6,
+            retry_after_s=float(flat[i + 3]) / 1e6,
         )
         for i in range(0, len(flat), 4)
     ]
