@@ -100,5 +100,10 @@ def in_networks(
 ) -> bool:
     if not networks or address == "unknown":
         return False
-    ip = ipaddress.ip_address(address)
+    ip = _parsed(address)
     return any(ip in net for net in networks)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _parsed(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(address)

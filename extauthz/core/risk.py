@@ -15,7 +15,7 @@ class RiskLevel(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        return _LABELS[self]
 
     @classmethod
     def parse(cls, text: str) -> RiskLevel:
@@ -24,6 +24,9 @@ class RiskLevel(enum.IntEnum):
         except KeyError:
             names = ", ".join(level.label for level in cls)
             raise ValueError(f"unknown risk level {text!r} (expected one of: {names})") from None
+
+
+_LABELS = {level: level.name.lower() for level in RiskLevel}
 
 
 class Action(enum.Enum):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import heapq
 import math
 from collections import OrderedDict
@@ -38,7 +37,7 @@ class _Entry:
     def pinned(self) -> bool:
         return self.level is not None or self.blocked
 
-    def snapshot(self, client_id: str) -> ClientRecord:
+    def snapshot(self, client_id: str, limits: tuple[LimitState, ...] = ()) -> ClientRecord:
         return ClientRecord(
             client_id=client_id,
             tier=self.tier,
@@ -49,6 +48,7 @@ class _Entry:
             last_seen=self.last_seen,
             requests=self.requests,
             instances=self.instances,
+            limits=limits,
         )
 
 
@@ -115,10 +115,8 @@ class MemoryStore:
         entry.requests += requests
         entry.instances += instances
         self._touch(client_id, entry, now)
-        record = entry.snapshot(client_id)
-        if limits:
-            record = dataclasses.replace(record, limits=tuple(self.apply_limits(limits, now)))
-        return record
+        states = tuple(self.apply_limits(limits, now)) if limits else ()
+        return entry.snapshot(client_id, states)
 
     def apply_limits(self, limits: Sequence[LimitCharge], now: float) -> list[LimitState]:
         """Apply ``limits`` atomically (this process runs one step at a time)."""
