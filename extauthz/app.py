@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -69,6 +70,20 @@ def create_store(settings: Settings, clock: Callable[[], float]) -> Store:
     raise ValueError(
         f"store_url: expected 'memory' or a URL starting {schemes}; got {settings.store_url!r}"
     )
+
+
+def noise_key(settings: Settings) -> bytes:
+    """The keyed-noise secret: the file's bytes, or a random key for this process alone."""
+    if settings.noise_key_file is not None:
+        key = settings.noise_key_file.read_bytes().strip()
+        if len(key) < 16:
+            raise ValueError(f"noise_key_file: {settings.noise_key_file} holds fewer than 16 bytes")
+        return key
+    log.warning(
+        "noise_key_random",
+        detail="no --noise-key-file: keyed noise differs between replicas and restarts",
+    )
+    return os.urandom(32)
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -146,7 +161,10 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
     )
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(core), server)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorService(core, max_body_bytes=settings.max_message_bytes), server
+        ExternalProcessorService(
+            core, max_body_bytes=settings.max_message_bytes, noise_key=noise_key(settings)
+        ),
+        server,
     )
     admin_pb2_grpc.add_AdminServicer_to_server(
         AdminService(core, token_file=settings.admin_token_file, clock=clock), server

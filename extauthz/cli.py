@@ -30,6 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "decision_budget_ms": args.budget_ms,
                 "max_message_bytes": args.max_message_bytes,
                 "admin_token_file": args.admin_token_file,
+                "noise_key_file": args.noise_key_file,
                 "tls_cert_file": args.tls_cert,
                 "tls_key_file": args.tls_key,
                 "tls_client_ca_file": args.tls_client_ca,
@@ -144,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--replicas",
         type=int,
         help="guard replicas sharing the store (divides budgets in local mode)",
+    )
+    serve.add_argument(
+        "--noise-key-file", type=Path, help="secret for keyed noise (the same on every replica)"
     )
     serve.add_argument(
         "--tls-cert", type=Path, help="serve gRPC over TLS with this certificate (PEM)"

@@ -27,6 +27,8 @@ class Settings:
     decision_budget_ms: float = 50.0
     max_message_bytes: int = 8 * MIB
     admin_token_file: Path | None = None
+    # Key of the output policies' keyed noise (a k8s Secret); the same file on every replica.
+    noise_key_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
@@ -73,7 +75,13 @@ class Settings:
             raise ValueError("memory_max_clients and client_ttl_s must be positive")
         if self.policy_path is not None and not self.policy_path.is_file():
             raise ValueError(f"policy_path: no such file: {self.policy_path}")
-        for name in ("admin_token_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        for name in (
+            "admin_token_file",
+            "noise_key_file",
+            "tls_cert_file",
+            "tls_key_file",
+            "tls_client_ca_file",
+        ):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}: no such file: {path}")

@@ -29,7 +29,10 @@ class LocalStack:
         workdir: Path | None = None,
         fixed_ports: bool = False,
         guard_args: Sequence[str] = (),
+        upstream: Sequence[str] | None = None,
     ) -> None:
+        """``upstream`` replaces the demo model: an argv whose ``{port}`` is the model port and
+        that serves ``GET /v2/health/ready`` once up (tests use a fake upstream)."""
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="extauthz-stack-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -44,6 +47,7 @@ class LocalStack:
         self.admin_token_file.write_text(secrets.token_urlsafe(32) + "\n")
         self.admin_token_file.chmod(0o600)
         self._guard_args = list(guard_args)
+        self._upstream = list(upstream) if upstream else None
         self.base_id = next(_BASE_IDS)
         self.model: stack.Process | None = None
         self.guard: stack.Process | None = None
@@ -59,7 +63,10 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         try:
-            self.model = stack.start_model(port=self.ports.model, workdir=self.workdir)
+            if self._upstream is None:
+                self.model = stack.start_model(port=self.ports.model, workdir=self.workdir)
+            else:
+                self.model = self._start_upstream(self._upstream)
             self.start_guard()
             config = stack.render_envoy_config(self.ports)
             self.envoy = stack.start_envoy(
@@ -69,6 +76,21 @@ class LocalStack:
             self.stop()
             raise
         return self
+
+    def _start_upstream(self, argv: Sequence[str]) -> stack.Process:
+        port = self.ports.model
+        proc = stack.start_process(
+            f"upstream-{port}",
+            [a.format(port=port) for a in argv],
+            workdir=self.workdir,
+            env=stack.python_env(),
+        )
+        try:
+            stack.wait_http(f"http://127.0.0.1:{port}/v2/health/ready", timeout_s=30.0, proc=proc)
+        except BaseException:
+            proc.stop()
+            raise
+        return proc
 
     def start_guard(self) -> stack.Process:
         """(Re)start the guard alone, e.g. after a test stopped it."""

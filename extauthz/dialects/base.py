@@ -95,6 +95,9 @@ class ParsedRequest:
     """Name -> float64 array, axis 0 = instance; non-numeric inputs (text) are left out."""
     doc: object
     """The parsed JSON, kept for later request rules."""
+    binary: bool = False
+    """True when the tensors travel as raw bytes after a JSON header (Open Inference binary
+    extension): ``instances`` is counted from the header, but there are no numeric inputs."""
 
     def input_matrix(self) -> FloatArray | None:
         """Return the numeric inputs as one ``(instances, features)`` matrix, names sorted.
@@ -119,6 +122,8 @@ class ParsedResponse:
     """Name -> wire datatype (``FP64``, ``INT64``, ``BOOL``...); missing means ``FP64``."""
     layouts: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     """Name -> nesting of the JSON array as sent; missing means the output's own shape."""
+    embeddings: frozenset[str] = frozenset()
+    """The outputs that are embedding vectors (rows to rotate, not scores to perturb)."""
 
 
 class Dialect(Protocol):
@@ -130,8 +135,14 @@ class Dialect(Protocol):
         """Tell whether a URL path (query string allowed) looks like this dialect."""
         ...
 
-    def parse_request(self, body: bytes, *, max_instances: int) -> ParsedRequest:
-        """Parse a request body; raise :class:`DialectError` on bad input or too many instances."""
+    def parse_request(
+        self, body: bytes, *, max_instances: int, headers: Mapping[str, str] | None = None
+    ) -> ParsedRequest:
+        """Parse a request body; raise :class:`DialectError` on bad input or too many instances.
+
+        ``headers`` (lower-case names) tell a body's framing where a dialect has more than one
+        (Open Inference binary tensors); dialects with one framing ignore them.
+        """
         ...
 
     def parse_response(self, body: bytes) -> ParsedResponse:

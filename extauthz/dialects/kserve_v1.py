@@ -46,8 +46,13 @@ class KServeV1Dialect:
         """Tell whether ``path`` is ``/v1/models/{name}:predict`` (query string ignored)."""
         return _PATH.fullmatch(path.partition("?")[0]) is not None
 
-    def parse_request(self, body: bytes, *, max_instances: int) -> ParsedRequest:
-        """Count the instances of a row or column request and read its numeric inputs."""
+    def parse_request(
+        self, body: bytes, *, max_instances: int, headers: Mapping[str, str] | None = None
+    ) -> ParsedRequest:
+        """Count the instances of a row or column request and read its numeric inputs.
+
+        ``headers`` is ignored: KServe v1 bodies are always JSON.
+        """
         doc = _object(load_json(body))
         rows, columns = _pick(doc, "instances", "inputs")
         if rows is not None:

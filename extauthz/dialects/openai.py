@@ -13,9 +13,18 @@ Instances are the answers a request asks for, the count extraction budgets charg
 - embeddings: the number of inputs, counted the same way.
 
 Text stays out of ``ParsedRequest.inputs`` (later issues add features); ``doc`` keeps the JSON.
-Responses expose their token usage through :func:`token_usage` for token quotas, and an
-embeddings response its vectors as the ``embedding`` output, an ``(n, d)`` float array that
-:meth:`OpenAIDialect.serialize_response` writes back in place.
+Responses expose their token usage through :func:`token_usage` for token quotas, and the numbers
+output protection may rewrite as outputs, which :meth:`OpenAIDialect.serialize_response` writes
+back in place (every other field, and the order of tokens, kept):
+
+- ``embedding``: an embeddings response's ``data[i].embedding``, an ``(n, d)`` float array; the
+  names in :data:`EMBEDDING_OUTPUTS` (and ``ParsedResponse.embeddings``) are embedding vectors;
+- ``logprob``: the sampled tokens' log probabilities, ``(T,)`` over every choice in order, from
+  ``choices[i].logprobs.content[j].logprob`` (chat) or ``choices[i].logprobs.token_logprobs[j]``
+  (completions; the null of an echoed first token is skipped);
+- ``top_logprobs``: the alternatives, ``(T, M)``, from ``content[j].top_logprobs[m].logprob``
+  (chat) or the values of each ``top_logprobs[j]`` object in its order (completions). Left out
+  when the rows differ in length: only a rectangular matrix can be rewritten and written back.
 
 Streaming (``"stream": true``) is not protected yet: such a request is counted like any other,
 but its answer is a server-sent event stream that ``parse_response`` cannot read. A later issue
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
 
 import numpy as np
@@ -44,13 +54,28 @@ from extauthz.dialects.base import (
     upstream_error,
 )
 
-__all__ = ["EMBEDDING", "MAX_N", "OpenAIDialect", "is_streaming", "token_usage"]
+__all__ = [
+    "EMBEDDING",
+    "EMBEDDING_OUTPUTS",
+    "LOGPROB",
+    "MAX_N",
+    "TOP_LOGPROBS",
+    "OpenAIDialect",
+    "is_streaming",
+    "token_usage",
+]
 
 _PATH: Final = re.compile(r"/v1/(?:chat/completions|completions|embeddings)")
 #: The largest ``n`` accepted, OpenAI's own bound.
 MAX_N: Final = 128
 #: The output name of an embeddings response's vectors.
 EMBEDDING: Final = "embedding"
+#: The outputs that are embedding vectors rather than scores.
+EMBEDDING_OUTPUTS: Final = frozenset({EMBEDDING})
+#: The output name of the sampled tokens' log probabilities, ``(T,)``.
+LOGPROB: Final = "logprob"
+#: The output name of the alternatives' log probabilities, ``(T, M)``.
+TOP_LOGPROBS: Final = "top_logprobs"
 # The field that names each API, in the order the error message lists them.
 _API_FIELDS: Final = ("messages", "prompt", "input")
 
@@ -65,8 +90,13 @@ class OpenAIDialect:
         """Tell whether ``path`` is a chat, completions or embeddings path (query ignored)."""
         return _PATH.fullmatch(path.partition("?")[0]) is not None
 
-    def parse_request(self, body: bytes, *, max_instances: int) -> ParsedRequest:
-        """Count the answers the request asks for; refuse bad fields and oversized requests."""
+    def parse_request(
+        self, body: bytes, *, max_instances: int, headers: Mapping[str, str] | None = None
+    ) -> ParsedRequest:
+        """Count the answers the request asks for; refuse bad fields and oversized requests.
+
+        ``headers`` is ignored: OpenAI-compatible bodies are always JSON.
+        """
         doc = _object(load_json(body))
         present = [key for key in _API_FIELDS if key in doc]
         if len(present) != 1:
@@ -88,27 +118,45 @@ class OpenAIDialect:
         return ParsedRequest(count, {}, doc)
 
     def parse_response(self, body: bytes) -> ParsedResponse:
-        """Read a response: the vectors of an embeddings list, nothing numeric otherwise (502s)."""
+        """Read a response's embeddings and token logprobs; an unreadable body is a 502."""
         try:
             doc = _object(load_json(body))
         except DialectError as exc:
             raise upstream_error(exc) from None
+        outputs: dict[str, npt.NDArray[np.float64]] = {}
         vectors = _embeddings(doc)
-        if vectors is None:
-            return ParsedResponse(outputs={}, doc=doc)
-        return ParsedResponse(outputs={EMBEDDING: vectors}, doc=doc, dtypes={EMBEDDING: "FP64"})
+        if vectors is not None:
+            outputs[EMBEDDING] = vectors
+        slots = _logprob_slots(doc)
+        if slots.logprob:
+            outputs[LOGPROB] = np.array([v for _, v in slots.logprob], dtype=np.float64)
+        if slots.top is not None:
+            outputs[TOP_LOGPROBS] = np.array([row for _, row in slots.top], dtype=np.float64)
+        return ParsedResponse(
+            outputs=outputs,
+            doc=doc,
+            dtypes=dict.fromkeys(outputs, "FP64"),
+            embeddings=EMBEDDING_OUTPUTS & outputs.keys(),
+        )
 
     def serialize_response(
         self, parsed: ParsedResponse, outputs: Mapping[str, npt.NDArray[Any]]
     ) -> bytes:
-        """Write replaced embeddings back into ``data[i].embedding``; keep every other field."""
+        """Write replaced embeddings and logprobs back where they were read; keep all else."""
         check_replacements(parsed, outputs)
         doc = _object(parsed.doc)
-        if EMBEDDING not in outputs:
+        if not outputs:
             return dump_json(doc)
-        vectors = encode_output(outputs[EMBEDDING], "FP64", EMBEDDING)
-        data = [{**item, EMBEDDING: row} for item, row in zip(doc["data"], vectors, strict=True)]
-        return dump_json({**doc, "data": data})
+        encoded = {name: encode_output(v, "FP64", name).tolist() for name, v in outputs.items()}
+        if EMBEDDING in encoded:
+            data = [
+                {**item, EMBEDDING: row}
+                for item, row in zip(doc["data"], encoded[EMBEDDING], strict=True)
+            ]
+            doc = {**doc, "data": data}
+        if LOGPROB in encoded or TOP_LOGPROBS in encoded:
+            doc = _write_logprobs(doc, encoded.get(LOGPROB), encoded.get(TOP_LOGPROBS))
+        return dump_json(doc)
 
 
 def is_streaming(doc: object) -> bool:
@@ -209,3 +257,137 @@ def _embeddings(doc: Mapping[str, Any]) -> npt.NDArray[np.float64] | None:
     if numeric is None or numeric.datatype == "BOOL" or numeric.values.ndim != 2:
         return None
     return numeric.values
+
+
+# --- token logprobs ---------------------------------------------------------------------------
+
+# A token's place: (choice index, token index within that choice's logprobs).
+_Slot = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _LogprobSlots:
+    """Where a response's token logprobs are, in reading order, with their values."""
+
+    logprob: list[tuple[_Slot, float]]
+    top: list[tuple[_Slot, list[float]]] | None
+    """The alternatives' rows, or None when absent, ragged or not all numbers."""
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return type(value) is float or type(value) is int
+
+
+def _logprob_slots(doc: Mapping[str, Any]) -> _LogprobSlots:
+    """Find every sampled token's logprob and every row of alternatives, choice by choice.
+
+    A choice's ``logprobs`` holding ``content`` is chat's form, one holding ``token_logprobs``
+    the completions form. Tokens without a number (an echoed first token's null) are skipped;
+    a malformed or ragged set of alternatives leaves them all out.
+    """
+    logprob: list[tuple[_Slot, float]] = []
+    top: list[tuple[_Slot, list[float]]] = []
+    top_ok = True
+    choices = doc.get("choices")
+    if not isinstance(choices, list):
+        return _LogprobSlots(logprob, None)
+    for i, choice in enumerate(choices):
+        lp = choice.get("logprobs") if isinstance(choice, dict) else None
+        if not isinstance(lp, dict):
+            continue
+        content = lp.get("content")
+        if isinstance(content, list):
+            for j, entry in enumerate(content):
+                if not isinstance(entry, dict):
+                    continue
+                if _is_number(value := entry.get("logprob")):
+                    logprob.append(((i, j), float(value)))
+                if top_ok and (alternatives := entry.get("top_logprobs")) is not None:
+                    row = _chat_row(alternatives)
+                    top_ok = row is not None
+                    if row is not None:
+                        top.append(((i, j), row))
+            continue
+        values = lp.get("token_logprobs")
+        if isinstance(values, list):
+            logprob.extend(((i, j), float(v)) for j, v in enumerate(values) if _is_number(v))
+        rows = lp.get("top_logprobs")
+        if top_ok and isinstance(rows, list):
+            for j, mapping in enumerate(rows):
+                if mapping is None:
+                    continue
+                if not (isinstance(mapping, dict) and all(map(_is_number, mapping.values()))):
+                    top_ok = False
+                    break
+                top.append(((i, j), [float(v) for v in mapping.values()]))
+        elif rows is not None:
+            top_ok = False
+    rectangular = bool(top) and bool(top[0][1]) and len({len(r) for _, r in top}) == 1
+    return _LogprobSlots(logprob, top if top_ok and rectangular else None)
+
+
+def _chat_row(alternatives: object) -> list[float] | None:
+    """Return the logprobs of a chat token's alternatives, or None when malformed."""
+    if not isinstance(alternatives, list):
+        return None
+    row = []
+    for item in alternatives:
+        value = item.get("logprob") if isinstance(item, dict) else None
+        if not _is_number(value):
+            return None
+        row.append(float(value))
+    return row
+
+
+def _write_logprobs(
+    doc: dict[str, Any], logprob: list[float] | None, top: list[list[float]] | None
+) -> dict[str, Any]:
+    """Return ``doc`` with the slots :func:`_logprob_slots` found holding the new values.
+
+    Only the containers on the way to a replaced number are copied; ``doc`` is not changed.
+    """
+    slots = _logprob_slots(doc)
+    new_logprob: dict[_Slot, float] = {}
+    new_top: dict[_Slot, list[float]] = {}
+    if logprob is not None:
+        new_logprob = {slot: value for (slot, _), value in zip(slots.logprob, logprob, strict=True)}
+    if top is not None and slots.top is not None:
+        new_top = {slot: row for (slot, _), row in zip(slots.top, top, strict=True)}
+    logprob_choices = {i for i, _ in new_logprob}
+    top_choices = {i for i, _ in new_top}
+    choices = list(doc["choices"])
+    for i in sorted(logprob_choices | top_choices):
+        lp = dict(choices[i]["logprobs"])
+        if isinstance(lp.get("content"), list):
+            lp["content"] = [
+                _chat_entry(entry, new_logprob.get((i, j)), new_top.get((i, j)))
+                for j, entry in enumerate(lp["content"])
+            ]
+        else:
+            if i in logprob_choices:
+                lp["token_logprobs"] = [
+                    new_logprob.get((i, j), v) for j, v in enumerate(lp["token_logprobs"])
+                ]
+            if i in top_choices:
+                lp["top_logprobs"] = [
+                    mapping
+                    if (row := new_top.get((i, j))) is None
+                    else dict(zip(mapping, row, strict=True))
+                    for j, mapping in enumerate(lp["top_logprobs"])
+                ]
+        choices[i] = {**choices[i], "logprobs": lp}
+    return {**doc, "choices": choices}
+
+
+def _chat_entry(entry: Any, value: float | None, row: list[float] | None) -> Any:
+    """Return a chat token entry with its logprob and its alternatives' logprobs replaced."""
+    if value is None and row is None:
+        return entry
+    entry = dict(entry)
+    if value is not None:
+        entry["logprob"] = value
+    if row is not None:
+        entry["top_logprobs"] = [
+            {**item, "logprob": x} for item, x in zip(entry["top_logprobs"], row, strict=True)
+        ]
+    return entry

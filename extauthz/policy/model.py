@@ -11,7 +11,15 @@ import math
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from extauthz.core.risk import Action, RiskLevel
 
@@ -92,11 +100,57 @@ class Identity(_Frozen):
         return value
 
 
-class OutputPolicy(_Frozen):
-    """How much detail answers keep. Response protection adds policies here."""
+class OutputStep(_Frozen):
+    """One step of an output pipeline (extauthz/protect/perturb.py applies them in order).
 
-    policy: Literal["passthrough", "round"] = "passthrough"
+    - ``passthrough``: nothing;
+    - ``round``: ``decimals`` places;
+    - ``top_k``: keep the ``k`` largest probabilities of each row, zero the rest (no renormalising);
+    - ``label_only``: one-hot of the argmax;
+    - ``reverse_sigmoid``: ART's ReverseSigmoid(``beta``, ``gamma``), then the original argmax restored;
+    - ``keyed_noise``: an argmax-preserving perturbation of size ``scale`` (log space) derived from
+      HMAC(key, client, canonical input), inputs quantized to ``quantum`` so repeats and jitter get
+      the same noise; embeddings get a keyed rotation whose cosine change is ``cosine_change``.
+    """
+
+    policy: Literal[
+        "passthrough", "round", "top_k", "label_only", "reverse_sigmoid", "keyed_noise"
+    ] = "passthrough"
     decimals: Annotated[int, Field(ge=0, le=12)] = 4
+    k: Annotated[int, Field(ge=1)] = 3
+    beta: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    gamma: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.1
+    scale: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] = 0.5
+    quantum: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
+    cosine_change: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.01
+
+
+def _steps(value: object) -> object:
+    """Accept one step (a mapping) or a list of steps."""
+    return [value] if isinstance(value, dict) else value
+
+
+def _effective(steps: tuple[OutputStep, ...]) -> tuple[OutputStep, ...]:
+    """Drop passthrough steps: an empty pipeline means the answer is not touched (nor parsed)."""
+    return tuple(step for step in steps if step.policy != "passthrough")
+
+
+OutputPolicy = Annotated[
+    tuple[OutputStep, ...], BeforeValidator(_steps), AfterValidator(_effective)
+]
+PASSTHROUGH: tuple[OutputStep, ...] = ()
+
+
+class LlmRules(_Frozen):
+    """Request rules for OpenAI-compatible APIs (the logprob channels that leak a model)."""
+
+    max_top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_n: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    # logit_bias together with logprobs lets a client read the projection layer: refuse or strip.
+    logit_bias_with_logprobs: Literal["allow", "strip", "refuse"] = "refuse"
+    # Server-sent events are not protected chunk by chunk yet: refuse them, or pass them unprotected.
+    stream: Literal["refuse", "pass"] = "refuse"
 
 
 WINDOWS_S: dict[str, float] = {
@@ -160,8 +214,21 @@ class Limit(_Frozen):
 
 class Tier(_Frozen):
     max_instances: Annotated[int, Field(gt=0, description="instances one request may carry")] = 64
-    output: OutputPolicy = OutputPolicy()
+    output: OutputPolicy = PASSTHROUGH
+    # Stricter pipelines for riskier clients: the entry of the highest level at or below the
+    # client's level applies; without one, ``output``.
+    output_by_level: dict[Literal["elevated", "suspicious", "abusive"], OutputPolicy] = Field(
+        default_factory=dict
+    )
     limits: tuple[Limit, ...] = ()
+    llm: LlmRules = LlmRules()
+
+    def output_for(self, level: RiskLevel) -> tuple[OutputStep, ...]:
+        """The output pipeline for a client at ``level``."""
+        for candidate in sorted(RiskLevel, reverse=True):
+            if candidate <= level and candidate.label in self.output_by_level:
+                return self.output_by_level[candidate.label]
+        return self.output
 
     @model_validator(mode="after")
     def _limits(self) -> Tier:
@@ -220,11 +287,38 @@ class DenyList(_Frozen):
         return lowered
 
 
+class JsonPointers(_Frozen):
+    """Where a generic JSON API keeps its inputs and outputs (RFC 6901 pointers)."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    @field_validator("inputs", "outputs")
+    @classmethod
+    def _pointers(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for value in values:
+            if value and not value.startswith("/"):
+                raise ValueError(f"{value!r} is not a JSON pointer (it must start with '/')")
+        return values
+
+
 class Route(_Frozen):
-    """A protected model route: requests under ``prefix`` are parsed by ``dialect``."""
+    """A protected model route: requests under ``prefix`` are parsed by ``dialect``.
+
+    ``binary``: what to do with Open Inference binary tensors (the
+    ``Inference-Header-Content-Length`` extension), which the guard counts but cannot rewrite.
+    """
 
     prefix: str
-    dialect: Literal["kserve_v1", "oip_v2", "openai", "auto"] = "auto"
+    dialect: Literal["kserve_v1", "oip_v2", "openai", "jsonpointer", "auto"] = "auto"
+    pointers: JsonPointers | None = None
+    binary: Literal["refuse", "pass"] = "refuse"
+
+    @model_validator(mode="after")
+    def _pointers_for_jsonpointer(self) -> Route:
+        if self.dialect == "jsonpointer" and self.pointers is None:
+            raise ValueError("pointers: the jsonpointer dialect needs pointers {inputs, outputs}")
+        return self
 
     @field_validator("prefix")
     @classmethod

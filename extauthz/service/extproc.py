@@ -28,11 +28,13 @@ from extauthz.core.decision import Decision, DecisionCore
 from extauthz.core.identity import Identity, RequestInfo, identify
 from extauthz.core.limiter import ChargeMode, rate_limit_fields
 from extauthz.core.risk import Action, RiskLevel
-from extauthz.dialects import Dialect, DialectError, detect_dialect, get_dialect
+from extauthz.dialects import Dialect, DialectError, detect_dialect, dialect_for_route
+from extauthz.dialects.oip_v2 import is_binary_response
 from extauthz.dialects.openai import token_usage
 from extauthz.policy.loader import Snapshot
 from extauthz.policy.model import Route
-from extauthz.protect.perturb import apply_output_policy
+from extauthz.protect.llm_rules import apply_llm_rules
+from extauthz.protect.pipeline import RequestKey, quantum_of, request_key, rewrite_response
 from extauthz.service import envoy
 from extauthz.telemetry import metrics
 
@@ -79,15 +81,20 @@ class _StreamState:
     rewrite: bool = False
     count_tokens: bool = False
     decision: Decision | None = None
+    request_headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    request_key: RequestKey | None = None
+    binary: bool = False
     done: bool = False
 
 
 class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
     """``envoy.service.ext_proc.v3.ExternalProcessor``: one bidi stream per HTTP request."""
 
-    def __init__(self, core: DecisionCore, *, max_body_bytes: int) -> None:
+    def __init__(self, core: DecisionCore, *, max_body_bytes: int, noise_key: bytes) -> None:
+        """``noise_key`` keys the noise of output policies: the same on every replica."""
         self._core = core
         self._max_body_bytes = max_body_bytes
+        self._noise_key = noise_key
 
     async def Process(  # noqa: N802 - the gRPC method name
         self,
@@ -169,9 +176,8 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             state.done = True
             return envoy.continue_response("request_headers", mode_override=_SKIP_REST)
         state.route = route
-        state.dialect = (
-            get_dialect(route.dialect) if route.dialect != "auto" else detect_dialect(path)
-        )
+        state.dialect = dialect_for_route(route) or detect_dialect(path)
+        state.request_headers = headers
         info = RequestInfo(
             headers=headers,
             source_address=_attribute(message, "source.address"),
@@ -231,14 +237,21 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             return envoy.continue_response("request_body")
         policy = state.snapshot.policy
         tier = policy.tier(state.identity.tier)
+        dialect = state.dialect
         try:
             raw = self._decode(body.body, encoding=state.request_encoding)
-            if state.dialect is None:
+            if dialect is None:
                 raise BodyError(
                     "unsupported_media", "this route's model API could not be recognised", 415
                 )
-            parsed = state.dialect.parse_request(raw, max_instances=tier.max_instances)
+            parsed = dialect.parse_request(
+                raw, max_instances=tier.max_instances, headers=state.request_headers
+            )
             instances = parsed.instances
+            if parsed.binary and state.route.binary == "refuse":
+                raise BodyError(
+                    "binary_refused", "binary tensor data is not accepted on this route", 415
+                )
         except (BodyError, DialectError) as exc:
             metrics.ERRORS.labels(exc.code).inc()
             if isinstance(exc, DialectError) and exc.code == "too_many_instances":
@@ -246,6 +259,31 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             if policy.fail_modes.body == "deny":
                 return self._refuse_body(state, exc.code, exc.message, exc.status)
             instances = tier.max_instances
+            parsed = None
+        rewritten_body: bytes | None = None
+        if parsed is not None and dialect is not None:
+            state.binary = parsed.binary
+            steps = tier.output_for(state.level)
+            if steps:
+                state.request_key = request_key(parsed, quantum=quantum_of(steps))
+            if dialect.name == "openai":
+                outcome = apply_llm_rules(
+                    parsed.doc, tier.llm, path=state.request_headers.get(":path", "")
+                )
+                for change in outcome.changes:
+                    metrics.REQUEST_RULES.labels(change).inc()
+                if outcome.refusal is not None:
+                    status, refusal_body = outcome.refusal
+                    state.done = True
+                    return envoy.immediate(
+                        status, _JSON_HEADERS, refusal_body, details="extauthz_request_rule"
+                    )
+                if outcome.body is not None:
+                    # A capped `n` changes what the request costs: count the body that goes on.
+                    rewritten_body = outcome.body
+                    instances = dialect.parse_request(
+                        rewritten_body, max_instances=tier.max_instances
+                    ).instances
         state.instances = instances
         metrics.INSTANCES.labels(state.identity.tier).inc(instances)
         limits = self._core.limits_for(
@@ -259,19 +297,32 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 return self._refuse_body(
                     state, "store_unavailable", "the service cannot decide right now", 503
                 )
+            return self._continue_request_body(rewritten_body)
+        if state.decision is not None and limits:
+            decision = self._core.apply_limits(
+                state.decision, limits, charged.record, state.snapshot
+            )
+            state.decision = decision
+            if not decision.allowed:
+                state.done = True
+                metrics.DECISIONS.labels(
+                    "ext_proc", decision.action.value, decision.identity.tier
+                ).inc()
+                status, refusal_headers, body = envoy.refusal(decision, request_id=state.request_id)
+                return envoy.immediate(
+                    status, refusal_headers, body, details="extauthz_rate_limited"
+                )
+        return self._continue_request_body(rewritten_body)
+
+    def _continue_request_body(self, body: bytes | None) -> proc_pb2.ProcessingResponse:
+        """Let the request go on, with ``body`` replacing it (and a matching content-length)."""
+        if body is None:
             return envoy.continue_response("request_body")
-        if state.decision is None or not limits:
-            return envoy.continue_response("request_body")
-        decision = self._core.apply_limits(state.decision, limits, charged.record, state.snapshot)
-        state.decision = decision
-        if not decision.allowed:
-            state.done = True
-            metrics.DECISIONS.labels(
-                "ext_proc", decision.action.value, decision.identity.tier
-            ).inc()
-            status, refusal_headers, body = envoy.refusal(decision, request_id=state.request_id)
-            return envoy.immediate(status, refusal_headers, body, details="extauthz_rate_limited")
-        return envoy.continue_response("request_body")
+        # BUFFERED: content-length was sent with the headers and must follow the new body.
+        mutation = envoy.header_mutation(
+            [("content-length", str(len(body)))], remove=["content-encoding"]
+        )
+        return envoy.continue_response("request_body", mutation=mutation, body=body)
 
     def _refuse_body(
         self, state: _StreamState, code: str, message: str, status: int
@@ -311,7 +362,12 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             and "json" in headers.get("content-type", "").lower()
             and not message.end_of_stream
         )
-        state.rewrite = readable and tier.output.policy != "passthrough"
+        state.rewrite = (
+            readable
+            and bool(tier.output_for(state.level))
+            and not state.binary
+            and not is_binary_response(headers)
+        )
         state.count_tokens = (
             readable
             and state.dialect is not None
@@ -354,7 +410,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         rewrite, count_tokens = state.rewrite, state.count_tokens
         # One buffered body per stream; a duplicate passes through.
         state.rewrite = state.count_tokens = False
-        output = state.snapshot.policy.tier(state.identity.tier).output
+        tier_steps = state.snapshot.policy.tier(state.identity.tier).output_for(state.level)
         try:
             raw = decode_body(body.body, state.response_encoding, limit=self._max_body_bytes)
             parsed = state.dialect.parse_response(raw)
@@ -365,11 +421,29 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             await self._charge_tokens(parsed.doc, state)
         if not rewrite:
             return envoy.continue_response("response_body")
-        rewritten = apply_output_policy(parsed.outputs, output)
-        if rewritten is None:
+        try:
+            rewrite_result = rewrite_response(
+                state.dialect,
+                parsed,
+                tier_steps,
+                key=self._noise_key,
+                client_id=state.identity.client_id,
+                request=state.request_key,
+            )
+        except (TypeError, ValueError) as exc:  # e.g. an answer nested deeper than orjson writes
+            metrics.ERRORS.labels("response_rewrite_failed").inc()
+            log.warning(
+                "response_rewrite_failed", error=str(exc)[:200], request_id=state.request_id
+            )
             return envoy.continue_response("response_body")
-        new_body = state.dialect.serialize_response(parsed, rewritten)
-        metrics.BODY_REWRITES.labels(state.dialect.name, output.policy).inc()
+        if rewrite_result is None:
+            return envoy.continue_response("response_body")
+        new_body = rewrite_result.body
+        policy_label = "+".join(step.policy for step in tier_steps)
+        metrics.BODY_REWRITES.labels(state.dialect.name, policy_label).inc()
+        if rewrite_result.l1.size:
+            metrics.DISTORTION_L1.observe(float(rewrite_result.l1.mean()))
+            metrics.TOP1_CHANGED.inc(int(rewrite_result.top1_changed.sum()))
         # BUFFERED with response headers sent: Envoy keeps content-length, so it must be set here.
         mutation = envoy.header_mutation(
             [("content-length", str(len(new_body)))],

@@ -51,6 +51,23 @@ BODY_REWRITES = Counter(
     ["dialect", "policy"],
     registry=REGISTRY,
 )
+DISTORTION_L1 = Histogram(
+    "extauthz_rewrite_l1",
+    "Mean L1 distance between original and served outputs over the instances of a rewritten answer.",
+    buckets=(0.0, 0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+    registry=REGISTRY,
+)
+TOP1_CHANGED = Counter(
+    "extauthz_rewrite_top1_changed",
+    "Rewritten instances whose top-1 class changed (label_only and top_k never; watermarks may).",
+    registry=REGISTRY,
+)
+REQUEST_RULES = Counter(
+    "extauthz_request_rules",
+    "LLM request rules applied, by rule (top_logprobs_capped, logit_bias_refused, ...).",
+    ["rule"],
+    registry=REGISTRY,
+)
 STREAMS = Counter(
     "extauthz_extproc_streams",
     "ext_proc streams by outcome (complete, passthrough, immediate, aborted, error).",

@@ -8,9 +8,19 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extauthz.dialects import DIALECTS, DialectError, detect_dialect, get_dialect
-from extauthz.dialects.openai import MAX_N, OpenAIDialect, is_streaming, token_usage
+from extauthz.dialects.openai import (
+    EMBEDDING_OUTPUTS,
+    LOGPROB,
+    MAX_N,
+    TOP_LOGPROBS,
+    OpenAIDialect,
+    is_streaming,
+    token_usage,
+)
 
 OPENAI = OpenAIDialect()
 CHAT = [{"role": "user", "content": "hello"}]
@@ -311,7 +321,7 @@ class TestTokenUsage:
 
 
 class TestResponses:
-    """Chat and completions responses have no numeric outputs; bad bodies are the upstream's."""
+    """Answers without logprobs have no numeric outputs; bad bodies are the upstream's."""
 
     def test_chat_response_round_trips_unchanged(self) -> None:
         doc = {
@@ -342,6 +352,7 @@ class TestEmbeddingsResponse:
         vectors = [[0.1, -0.2, 0.3], [1.0, 0.0, -1.5]]
         parsed = OPENAI.parse_response(body(embeddings_response(vectors)))
         assert list(parsed.outputs) == ["embedding"]
+        assert parsed.embeddings == EMBEDDING_OUTPUTS == {"embedding"}
         np.testing.assert_array_equal(parsed.outputs["embedding"], np.asarray(vectors))
         assert parsed.outputs["embedding"].dtype == np.float64
         assert token_usage(parsed.doc) == 3
@@ -399,3 +410,281 @@ class TestEmbeddingsResponse:
         parsed = OPENAI.parse_response(body(doc))
         assert parsed.outputs == {}
         assert orjson.loads(OPENAI.serialize_response(parsed, {})) == doc
+
+
+def chat_token(token: str, logprob: float, alternatives: list[tuple[str, float]]) -> dict[str, Any]:
+    return {
+        "token": token,
+        "logprob": logprob,
+        "bytes": list(token.encode()),
+        "top_logprobs": [
+            {"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in alternatives
+        ],
+    }
+
+
+def chat_logprobs_response(*choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-9",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(t["token"] for t in tokens)},
+                "logprobs": {"content": tokens, "refusal": None},
+                "finish_reason": "stop",
+            }
+            for i, tokens in enumerate(choices)
+        ],
+        "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7},
+    }
+
+
+def completions_logprobs_response(
+    tokens: list[str], logprobs: list[float | None], top: list[dict[str, float] | None]
+) -> dict[str, Any]:
+    return {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "choices": [
+            {
+                "index": 0,
+                "text": "".join(tokens),
+                "logprobs": {
+                    "tokens": tokens,
+                    "token_logprobs": logprobs,
+                    "top_logprobs": top,
+                    "text_offset": list(range(len(tokens))),
+                },
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {"total_tokens": 5},
+    }
+
+
+def without(doc: Any, drop: tuple[str, ...]) -> Any:
+    """Return ``doc`` with every value under a key in ``drop`` replaced by a marker."""
+    if isinstance(doc, dict):
+        return {k: "<dropped>" if k in drop else without(v, drop) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [without(v, drop) for v in doc]
+    return doc
+
+
+CHAT_TOKENS = [
+    chat_token("Hel", -0.5, [("Hel", -0.5), ("Hi", -1.25), ("Hey", -2.0)]),
+    chat_token("lo", -0.125, [("lo", -0.125), ("p", -3.0), ("l", -4.5)]),
+]
+
+
+class TestChatLogprobs:
+    """Chat logprobs are (T,) and (T, M) outputs over every choice, written back in place."""
+
+    def test_outputs_are_read_in_token_order_across_choices(self) -> None:
+        second = [chat_token("x", -7.0, [("x", -7.0), ("y", -8.0), ("z", -9.0)])]
+        parsed = OPENAI.parse_response(body(chat_logprobs_response(CHAT_TOKENS, second)))
+        np.testing.assert_array_equal(parsed.outputs[LOGPROB], [-0.5, -0.125, -7.0])
+        np.testing.assert_array_equal(
+            parsed.outputs[TOP_LOGPROBS],
+            [[-0.5, -1.25, -2.0], [-0.125, -3.0, -4.5], [-7.0, -8.0, -9.0]],
+        )
+        assert parsed.embeddings == frozenset()
+        assert parsed.dtypes[LOGPROB] == parsed.dtypes[TOP_LOGPROBS] == "FP64"
+
+    def test_round_trip_replaces_values_and_keeps_everything_else(self) -> None:
+        doc = chat_logprobs_response(CHAT_TOKENS)
+        parsed = OPENAI.parse_response(body(doc))
+        new = {
+            LOGPROB: np.array([-1.0, -2.0]),
+            TOP_LOGPROBS: np.array([[-1.0, -1.5, -3.0], [-2.0, -2.5, -6.0]]),
+        }
+        answer = orjson.loads(OPENAI.serialize_response(parsed, new))
+        content = answer["choices"][0]["logprobs"]["content"]
+        assert [t["token"] for t in content] == ["Hel", "lo"]
+        assert [t["logprob"] for t in content] == [-1.0, -2.0]
+        assert [[a["logprob"] for a in t["top_logprobs"]] for t in content] == new[
+            TOP_LOGPROBS
+        ].tolist()
+        assert [[a["token"] for a in t["top_logprobs"]] for t in content] == [
+            ["Hel", "Hi", "Hey"],
+            ["lo", "p", "l"],
+        ]
+        assert without(answer, ("logprob",)) == without(doc, ("logprob",))
+        assert parsed.doc == doc  # the parsed document is not modified
+
+    def test_only_logprob_replaced_leaves_alternatives(self) -> None:
+        doc = chat_logprobs_response(CHAT_TOKENS)
+        parsed = OPENAI.parse_response(body(doc))
+        answer = orjson.loads(OPENAI.serialize_response(parsed, {LOGPROB: np.array([-3.0, -4.0])}))
+        content = answer["choices"][0]["logprobs"]["content"]
+        assert [t["logprob"] for t in content] == [-3.0, -4.0]
+        assert [t["top_logprobs"] for t in content] == [t["top_logprobs"] for t in CHAT_TOKENS]
+
+    def test_unchanged_round_trip_is_equal(self) -> None:
+        doc = chat_logprobs_response(CHAT_TOKENS, CHAT_TOKENS[:1])
+        parsed = OPENAI.parse_response(body(doc))
+        assert orjson.loads(OPENAI.serialize_response(parsed, dict(parsed.outputs))) == doc
+
+    def test_ragged_alternatives_are_left_out(self) -> None:
+        tokens = [CHAT_TOKENS[0], chat_token("lo", -0.1, [("lo", -0.1)])]
+        parsed = OPENAI.parse_response(body(chat_logprobs_response(tokens)))
+        assert TOP_LOGPROBS not in parsed.outputs
+        np.testing.assert_array_equal(parsed.outputs[LOGPROB], [-0.5, -0.1])
+        with pytest.raises(ValueError, match="unknown output"):
+            OPENAI.serialize_response(parsed, {TOP_LOGPROBS: np.zeros((2, 1))})
+
+    @pytest.mark.parametrize(
+        "alternatives",
+        [[{"token": "a", "logprob": "x"}], [{"token": "a"}], ["a"], "a", []],
+        ids=["text", "missing", "not-object", "not-list", "empty"],
+    )
+    def test_malformed_alternatives_are_left_out(self, alternatives: object) -> None:
+        tokens = [{**CHAT_TOKENS[0], "top_logprobs": alternatives}, CHAT_TOKENS[1]]
+        if alternatives == []:
+            tokens = [{**t, "top_logprobs": []} for t in CHAT_TOKENS]
+        parsed = OPENAI.parse_response(body(chat_logprobs_response(tokens)))
+        assert TOP_LOGPROBS not in parsed.outputs
+        assert LOGPROB in parsed.outputs
+
+    def test_no_top_logprobs_requested(self) -> None:
+        tokens = [{k: v for k, v in t.items() if k != "top_logprobs"} for t in CHAT_TOKENS]
+        parsed = OPENAI.parse_response(body(chat_logprobs_response(tokens)))
+        assert set(parsed.outputs) == {LOGPROB}
+
+    def test_null_logprobs_give_no_outputs(self) -> None:
+        doc = chat_logprobs_response(CHAT_TOKENS)
+        doc["choices"][0]["logprobs"] = None
+        assert OPENAI.parse_response(body(doc)).outputs == {}
+
+
+class TestCompletionsLogprobs:
+    """Completions logprobs: token_logprobs (T,) and top_logprobs (T, M) in each object's order."""
+
+    TOKENS = ["The", " cat", " sat"]
+    LOGPROBS: list[float | None] = [-0.25, -1.5, -0.75]
+    TOP: list[dict[str, float] | None] = [
+        {"The": -0.25, "A": -2.0},
+        {" dog": -1.0, " cat": -1.5},
+        {" sat": -0.75, " ran": -1.75},
+    ]
+
+    def test_outputs_keep_each_objects_order(self) -> None:
+        doc = completions_logprobs_response(self.TOKENS, self.LOGPROBS, self.TOP)
+        parsed = OPENAI.parse_response(body(doc))
+        np.testing.assert_array_equal(parsed.outputs[LOGPROB], [-0.25, -1.5, -0.75])
+        np.testing.assert_array_equal(
+            parsed.outputs[TOP_LOGPROBS], [[-0.25, -2.0], [-1.0, -1.5], [-0.75, -1.75]]
+        )
+
+    def test_round_trip_replaces_values_and_keeps_token_order(self) -> None:
+        doc = completions_logprobs_response(self.TOKENS, self.LOGPROBS, self.TOP)
+        parsed = OPENAI.parse_response(body(doc))
+        new_top = np.array([[-0.5, -1.0], [-2.0, -3.0], [-4.0, -5.0]])
+        raw = OPENAI.serialize_response(
+            parsed, {LOGPROB: np.array([-9.0, -8.0, -7.0]), TOP_LOGPROBS: new_top}
+        )
+        answer = orjson.loads(raw)
+        lp = answer["choices"][0]["logprobs"]
+        assert lp["token_logprobs"] == [-9.0, -8.0, -7.0]
+        assert [list(m.items()) for m in lp["top_logprobs"]] == [
+            [("The", -0.5), ("A", -1.0)],
+            [(" dog", -2.0), (" cat", -3.0)],
+            [(" sat", -4.0), (" ran", -5.0)],
+        ]
+        # Key order survives serialization, not just dict equality.
+        assert raw.index(b'" dog"') < raw.index(b'" cat":-3.0')
+        assert without(answer, ("token_logprobs", "top_logprobs")) == without(
+            doc, ("token_logprobs", "top_logprobs")
+        )
+
+    def test_echoed_null_first_token_is_skipped(self) -> None:
+        doc = completions_logprobs_response(self.TOKENS, [None, -1.5, -0.75], [None, *self.TOP[1:]])
+        parsed = OPENAI.parse_response(body(doc))
+        np.testing.assert_array_equal(parsed.outputs[LOGPROB], [-1.5, -0.75])
+        assert parsed.outputs[TOP_LOGPROBS].shape == (2, 2)
+        answer = orjson.loads(
+            OPENAI.serialize_response(
+                parsed, {LOGPROB: np.array([-1.0, -2.0]), TOP_LOGPROBS: np.zeros((2, 2)) - 1}
+            )
+        )
+        lp = answer["choices"][0]["logprobs"]
+        assert lp["token_logprobs"] == [None, -1.0, -2.0]
+        assert lp["top_logprobs"][0] is None
+        assert lp["top_logprobs"][1] == {" dog": -1.0, " cat": -1.0}
+
+    def test_ragged_top_logprobs_left_out(self) -> None:
+        top = [self.TOP[0], {" dog": -1.0}, self.TOP[2]]
+        doc = completions_logprobs_response(self.TOKENS, self.LOGPROBS, top)
+        parsed = OPENAI.parse_response(body(doc))
+        assert set(parsed.outputs) == {LOGPROB}
+        answer = orjson.loads(OPENAI.serialize_response(parsed, {LOGPROB: np.zeros(3)}))
+        assert answer["choices"][0]["logprobs"]["top_logprobs"] == top
+
+    def test_integer_logprobs_are_written_as_floats(self) -> None:
+        doc = completions_logprobs_response(["a"], [0], [{"a": 0}])
+        parsed = OPENAI.parse_response(body(doc))
+        answer = orjson.loads(OPENAI.serialize_response(parsed, dict(parsed.outputs)))
+        assert answer["choices"][0]["logprobs"]["token_logprobs"] == [0.0]
+        assert isinstance(answer["choices"][0]["logprobs"]["token_logprobs"][0], float)
+
+    def test_wrong_length_is_refused(self) -> None:
+        doc = completions_logprobs_response(self.TOKENS, self.LOGPROBS, self.TOP)
+        parsed = OPENAI.parse_response(body(doc))
+        with pytest.raises(ValueError, match="shape"):
+            OPENAI.serialize_response(parsed, {LOGPROB: np.zeros(2)})
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "choices",
+                    "logprobs",
+                    "content",
+                    "logprob",
+                    "top_logprobs",
+                    "token_logprobs",
+                    "data",
+                    "embedding",
+                    "messages",
+                    "prompt",
+                    "input",
+                    "n",
+                    "stream",
+                    "x",
+                ]
+            ),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=30,
+)
+
+
+class TestNeverRaisesOtherThanDialectError:
+    """Any JSON through the OpenAI dialect either parses or raises DialectError, and a parsed
+    answer written back unchanged is the same document."""
+
+    @settings(max_examples=400, deadline=None)
+    @given(doc=_json)
+    def test_random_documents(self, doc: object) -> None:
+        raw = orjson.dumps(doc)
+        try:
+            OPENAI.parse_request(raw, max_instances=1000)
+        except DialectError:
+            pass
+        try:
+            parsed = OPENAI.parse_response(raw)
+        except DialectError:
+            return
+        assert orjson.loads(OPENAI.serialize_response(parsed, dict(parsed.outputs))) == doc

@@ -15,12 +15,17 @@ from hypothesis.extra import numpy as hnp
 from extauthz.dialects import (
     DIALECTS,
     DialectError,
+    JsonPointerDialect,
     ParsedRequest,
     ParsedResponse,
     detect_dialect,
+    dialect_for_route,
     ensure_json_media,
     get_dialect,
+    is_binary_response,
 )
+from extauthz.dialects.oip_v2 import BINARY_HEADER as BINARY
+from extauthz.policy.model import JsonPointers, Route
 
 KSERVE = get_dialect("kserve_v1")
 OIP = get_dialect("oip_v2")
@@ -467,6 +472,182 @@ class TestOipRequest:
             outputs=[{"name": "probs", "parameters": {"binary_data": False}}],
         )
         assert OIP.parse_request(raw, max_instances=8).instances == 1
+
+
+def binary_request(
+    tensors: list[dict[str, Any]], payload: bytes, **extra: Any
+) -> tuple[bytes, dict[str, str]]:
+    """Return an OIP binary-extension body (JSON header, then raw bytes) and its headers."""
+    header = json.dumps({"inputs": tensors, **extra}).encode()
+    return header + payload, {"inference-header-content-length": str(len(header))}
+
+
+def binary_tensor(name: str, shape: list[int], datatype: str, size: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "shape": shape,
+        "datatype": datatype,
+        "parameters": {"binary_data_size": size},
+    }
+
+
+class TestOipBinaryRequest:
+    """Binary tensors are counted from the JSON header's shapes and marked binary, no inputs."""
+
+    def test_count_from_shapes(self) -> None:
+        payload = np.zeros((5, 3), np.float32).tobytes()
+        raw, headers = binary_request([binary_tensor("x", [5, 3], "FP32", len(payload))], payload)
+        parsed = OIP.parse_request(raw, max_instances=8, headers=headers)
+        assert (parsed.instances, parsed.inputs, parsed.binary) == (5, {}, True)
+        assert parsed.doc["inputs"][0]["name"] == "x"  # type: ignore[index]
+
+    def test_json_and_binary_tensors_mix(self) -> None:
+        payload = np.zeros((2, 2), np.int64).tobytes()
+        tensors = [
+            binary_tensor("a", [2, 2], "INT64", len(payload)),
+            oip_tensor("b", [2], "FP32", [1.0, 2.0]),
+        ]
+        raw, headers = binary_request(tensors, payload)
+        parsed = OIP.parse_request(raw, max_instances=8, headers=headers)
+        assert (parsed.instances, parsed.inputs, parsed.binary) == (2, {}, True)
+
+    def test_bytes_tensors_need_their_length_prefixes(self) -> None:
+        payload = b"".join(len(t).to_bytes(4, "little") + t for t in (b"hi", b"there"))
+        raw, headers = binary_request([binary_tensor("t", [2], "BYTES", len(payload))], payload)
+        assert OIP.parse_request(raw, max_instances=8, headers=headers).instances == 2
+        raw, headers = binary_request([binary_tensor("t", [3], "BYTES", 8)], b"\0" * 8)
+        assert error_of(OIP.parse_request, raw, max_instances=8, headers=headers).code == (
+            "invalid_input"
+        )
+
+    def test_binary_outputs_may_be_requested(self) -> None:
+        payload = np.zeros(1, np.float32).tobytes()
+        raw, headers = binary_request(
+            [binary_tensor("x", [1], "FP32", 4)],
+            payload,
+            parameters={"binary_data_output": True},
+            outputs=[{"name": "p", "parameters": {"binary_data": True}}],
+        )
+        assert OIP.parse_request(raw, max_instances=8, headers=headers).binary
+
+    def test_too_many_instances(self) -> None:
+        payload = np.zeros(9, np.float32).tobytes()
+        raw, headers = binary_request([binary_tensor("x", [9], "FP32", 36)], payload)
+        err = error_of(OIP.parse_request, raw, max_instances=8, headers=headers)
+        assert (err.code, err.status) == ("too_many_instances", 413)
+
+    def test_shapes_must_agree(self) -> None:
+        tensors = [binary_tensor("a", [2], "FP32", 8), binary_tensor("b", [3], "FP32", 12)]
+        raw, headers = binary_request(tensors, bytes(20))
+        assert error_of(OIP.parse_request, raw, max_instances=8, headers=headers).code == (
+            "invalid_input"
+        )
+
+    @pytest.mark.parametrize(
+        ("tensor", "payload"),
+        [
+            (binary_tensor("x", [1, 4], "FP32", 8), bytes(8)),  # size understates the shape
+            (binary_tensor("x", [2], "FP32", 8), bytes(12)),  # more bytes than declared
+            (binary_tensor("x", [2], "FP32", 8), bytes(4)),  # fewer bytes than declared
+            (binary_tensor("x", [2], "FP32", -8), bytes(0)),
+            (binary_tensor("x", [2], "FP32", "8"), bytes(8)),  # type: ignore[arg-type]
+            (binary_tensor("x", [2], "FP99", 8), bytes(8)),
+            ({**binary_tensor("x", [2], "FP32", 8), "data": [1.0, 2.0]}, bytes(8)),
+        ],
+        ids=["understated", "extra-bytes", "short", "negative", "text-size", "dtype", "both"],
+    )
+    def test_inconsistent_sizes_are_invalid(self, tensor: dict[str, Any], payload: bytes) -> None:
+        raw, headers = binary_request([tensor], payload)
+        err = error_of(OIP.parse_request, raw, max_instances=8, headers=headers)
+        assert (err.code, err.status) == ("invalid_input", 400)
+
+    def test_shared_memory_still_refused(self) -> None:
+        tensor = binary_tensor("x", [1], "FP32", 4)
+        tensor["parameters"]["shared_memory_region"] = "r"
+        raw, headers = binary_request([tensor], bytes(4))
+        err = error_of(OIP.parse_request, raw, max_instances=8, headers=headers)
+        assert (err.code, err.status) == ("unsupported_media", 415)
+
+    @pytest.mark.parametrize("value", ["abc", "-1", "1.5", "", "12,12", "²", "100000"])
+    def test_bad_header_is_a_parse_error(self, value: str) -> None:
+        raw, _ = binary_request([binary_tensor("x", [1], "FP32", 4)], bytes(4))
+        headers = {"inference-header-content-length": value}
+        err = error_of(OIP.parse_request, raw, max_instances=8, headers=headers)
+        assert (err.code, err.status) == ("body_parse_error", 400)
+
+    def test_header_must_split_at_the_json(self) -> None:
+        raw, headers = binary_request([binary_tensor("x", [1], "FP32", 4)], bytes(4))
+        short = {"inference-header-content-length": str(int(headers[BINARY]) - 1)}
+        assert error_of(OIP.parse_request, raw, max_instances=8, headers=short).code == (
+            "body_parse_error"
+        )
+
+    def test_header_name_is_case_insensitive(self) -> None:
+        raw, headers = binary_request([binary_tensor("x", [1], "FP32", 4)], bytes(4))
+        mixed = {"Inference-Header-Content-Length": headers[BINARY]}
+        assert OIP.parse_request(raw, max_instances=8, headers=mixed).binary
+
+    def test_without_the_header_binary_inputs_are_refused_as_before(self) -> None:
+        raw, _ = binary_request([binary_tensor("x", [1], "FP32", 4)], b"")
+        err = error_of(OIP.parse_request, raw, max_instances=8, headers={"x-other": "1"})
+        assert (err.code, err.status) == ("unsupported_media", 415)
+
+    @pytest.mark.parametrize("name", ["kserve_v1", "openai"])
+    def test_other_dialects_ignore_headers(self, name: str) -> None:
+        doc = {"instances": [[1.0]]} if name == "kserve_v1" else {"prompt": "hi"}
+        headers = {BINARY: "2"}
+        assert (
+            get_dialect(name).parse_request(body(doc), max_instances=8, headers=headers).instances
+            == 1
+        )
+
+    def test_binary_response_detection(self) -> None:
+        assert is_binary_response({BINARY: "120"})
+        assert is_binary_response({"Inference-Header-Content-Length": "120"})
+        assert not is_binary_response({"content-type": "application/json"})
+        assert not is_binary_response({})
+
+
+class TestDialectForRoute:
+    """A route names its dialect, gets a cached pointer dialect, or None for auto-detection."""
+
+    @pytest.mark.parametrize("name", ["kserve_v1", "oip_v2", "openai"])
+    def test_named(self, name: str) -> None:
+        assert dialect_for_route(Route(prefix="/m", dialect=name)) is DIALECTS[name]  # type: ignore[arg-type]
+
+    def test_auto_is_none(self) -> None:
+        assert dialect_for_route(Route(prefix="/m")) is None
+
+    def test_jsonpointer_is_built_and_cached_per_pointers(self) -> None:
+        pointers = JsonPointers(inputs=("/rows",), outputs=("/scores",))
+        first = dialect_for_route(Route(prefix="/a", dialect="jsonpointer", pointers=pointers))
+        again = dialect_for_route(
+            Route(
+                prefix="/b",
+                dialect="jsonpointer",
+                pointers=JsonPointers(inputs=("/rows",), outputs=("/scores",)),
+            )
+        )
+        other = dialect_for_route(
+            Route(
+                prefix="/c",
+                dialect="jsonpointer",
+                pointers=JsonPointers(inputs=("/rows",), outputs=("/probs",)),
+            )
+        )
+        assert isinstance(first, JsonPointerDialect)
+        assert first is again
+        assert other is not first
+        assert first.parse_request(b'{"rows": [1, 2]}', max_instances=8).instances == 2
+
+    def test_bad_pointer_raises_value_error(self) -> None:
+        pointers = JsonPointers(inputs=("/a~2",), outputs=())
+        with pytest.raises(ValueError, match="'~'"):
+            dialect_for_route(Route(prefix="/a", dialect="jsonpointer", pointers=pointers))
+
+    def test_jsonpointer_is_not_a_registered_name(self) -> None:
+        with pytest.raises(KeyError):
+            get_dialect("jsonpointer")
 
 
 def oip_response(*outputs: dict[str, Any]) -> dict[str, Any]:

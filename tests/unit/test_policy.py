@@ -58,14 +58,19 @@ class TestDefaultPolicy:
         assert caps == {"anonymous": 16, "free": 64, "trusted": 1024}
 
     def test_default_outputs_reduce_detail_below_trusted(self) -> None:
-        """anonymous rounds to 2 decimals, free to 3, trusted passes answers through."""
+        """anonymous gets keyed noise and 2 decimals, free noise and 3, trusted the answer itself;
+        suspicious clients of the lower tiers get labels only."""
         tiers = load_default().policy.tiers
-        assert (tiers["anonymous"].output.policy, tiers["anonymous"].output.decimals) == (
-            "round",
-            2,
-        )
-        assert (tiers["free"].output.policy, tiers["free"].output.decimals) == ("round", 3)
-        assert tiers["trusted"].output.policy == "passthrough"
+        anonymous, free = tiers["anonymous"].output, tiers["free"].output
+        assert [s.policy for s in anonymous] == ["keyed_noise", "round"] and anonymous[
+            -1
+        ].decimals == 2
+        assert [s.policy for s in free] == ["keyed_noise", "round"] and free[-1].decimals == 3
+        assert tiers["trusted"].output == ()
+        for name in ("anonymous", "free"):
+            assert [s.policy for s in tiers[name].output_for(RiskLevel.SUSPICIOUS)] == [
+                "label_only"
+            ]
 
     def test_default_is_enforcing_and_denies_unknown_keys(self) -> None:
         """The default enforces, refuses unlisted keys and maps levels to the documented actions."""
