@@ -39,6 +39,7 @@ test-e2e: $(STAMP)
 
 bench: $(STAMP) wrk redis
 	$(BIN)/python -m tests.bench.run_bench $(BENCH_ARGS)
+	$(BIN)/python -m tests.bench.bench_protect --json bench-protect.json
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

@@ -306,7 +306,8 @@ class Route(_Frozen):
     """A protected model route: requests under ``prefix`` are parsed by ``dialect``.
 
     ``binary``: what to do with Open Inference binary tensors (the
-    ``Inference-Header-Content-Length`` extension), which the guard counts but cannot rewrite.
+    ``Inference-Header-Content-Length`` extension), which the guard counts but cannot rewrite,
+    and with gRPC inference (``application/grpc``), which it charges the tier's maximum batch.
     """
 
     prefix: str
@@ -354,6 +355,7 @@ class Policy(_Frozen):
         Route(prefix="/v1/chat/completions", dialect="openai"),
         Route(prefix="/v1/completions", dialect="openai"),
         Route(prefix="/v1/embeddings", dialect="openai"),
+        Route(prefix="/inference.GRPCInferenceService/", dialect="auto", binary="refuse"),
     )
     fail_modes: FailModes = FailModes()
     retry_after_s: Annotated[int, Field(gt=0)] = 60

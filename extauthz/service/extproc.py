@@ -214,12 +214,58 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 details=f"extauthz_{decision.error}",
                 metadata=metadata,
             )
+        if headers.get("content-type", "").startswith("application/grpc"):
+            return await self._grpc_request(state, metadata)
         mutation = envoy.header_mutation(
             envoy.upstream_headers(decision),
             # Ask the model for an identity-encoded answer so the guard can rewrite it.
             remove=["accept-encoding"],
         )
         return envoy.continue_response("request_headers", mutation=mutation, metadata=metadata)
+
+    async def _grpc_request(
+        self, state: _StreamState, metadata: dict[str, struct_pb2.Struct]
+    ) -> proc_pb2.ProcessingResponse:
+        """Open Inference over gRPC: refused, or passed unrewritten and charged the tier's
+        maximum batch (the guard does not read protobuf tensors, and never passes uncounted)."""
+        assert state.route is not None and state.identity is not None and state.snapshot is not None
+        state.done = True
+        if state.route.binary == "refuse":
+            metrics.ERRORS.labels("grpc_refused").inc()
+            # gRPC clients read grpc-status, not the HTTP status.
+            grpc_headers = [
+                ("content-type", "application/grpc"),
+                ("grpc-status", "3"),
+                ("grpc-message", "gRPC inference is not accepted on this route"),
+            ]
+            return envoy.immediate(200, grpc_headers, b"", details="extauthz_grpc_refused")
+        tier = state.snapshot.policy.tier(state.identity.tier)
+        instances = tier.max_instances
+        metrics.INSTANCES.labels(state.identity.tier).inc(instances)
+        limits = self._core.limits_for(
+            state.identity, state.snapshot, _INSTANCE_PHASE, cost=instances
+        )
+        charged = await self._core.charge(
+            state.identity, requests=0, instances=instances, limits=limits, snapshot=state.snapshot
+        )
+        if charged.record is not None and state.decision is not None and limits:
+            decision = self._core.apply_limits(
+                state.decision, limits, charged.record, state.snapshot
+            )
+            if not decision.allowed:
+                grpc_headers = [
+                    ("content-type", "application/grpc"),
+                    ("grpc-status", "8"),
+                    ("grpc-message", "rate limited"),
+                    ("retry-after", str(decision.retry_after_s)),
+                ]
+                return envoy.immediate(200, grpc_headers, b"", details="extauthz_rate_limited")
+        mutation = envoy.header_mutation(
+            envoy.upstream_headers(state.decision) if state.decision else ()
+        )
+        return envoy.continue_response(
+            "request_headers", mutation=mutation, metadata=metadata, mode_override=_SKIP_REST
+        )
 
     # --- request_body ---------------------------------------------------------------------------
 

@@ -146,7 +146,7 @@ class TestReferenceConfig:
         by_name = {r["name"]: r for r in vhost["routes"]}
         other = by_name["other"]["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
         assert other["disabled"] is True
-        for name in ("model_v1", "model_v2", "openai"):
+        for name in ("model_v1", "model_v2", "openai", "oip_grpc"):
             per_filter = by_name[name].get("typed_per_filter_config", {})
             assert "envoy.filters.http.ext_proc" not in per_filter
         # The catch-all comes last, or it would shadow the model routes.

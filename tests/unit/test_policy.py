@@ -96,6 +96,7 @@ class TestDefaultPolicy:
             ("/v1/chat/completions", "openai"),
             ("/v1/completions", "openai"),
             ("/v1/embeddings", "openai"),
+            ("/inference.GRPCInferenceService/", "auto"),
         ]
 
     def test_default_digest_is_stable(self) -> None:
