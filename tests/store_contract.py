@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import pytest
 
 from extauthz.core.limiter import ChargeMode, LimitCharge, LimitState, evaluate
-from extauthz.store.base import Store
+from extauthz.store.base import ClientRecord, Store, StoreError
+from extauthz.store.memory import MemoryStore
 
 MakeStore = Callable[..., Awaitable[Store]]
 Elapse = Callable[[float], Awaitable[None]]
@@ -442,3 +443,19 @@ class LimitsContract:
         """record() without limits returns an empty ``limits``."""
         record = await store.record("alice", tier="free", requests=1, instances=1, now=clock())
         assert record.limits == ()
+
+
+class FailingStore(MemoryStore):
+    """A store whose ``record`` always fails, as a Redis that is down."""
+
+    async def record(
+        self,
+        client_id: str,
+        *,
+        tier: str,
+        requests: int,
+        instances: int,
+        now: float,
+        limits: Sequence[LimitCharge] = (),
+    ) -> ClientRecord:
+        raise StoreError("connection refused")

@@ -15,10 +15,10 @@ from extauthz.core.identity import RequestInfo, identify, in_networks, normalize
 from extauthz.core.limiter import LimitCharge
 from extauthz.core.risk import Action, RiskLevel, strictest
 from extauthz.policy.loader import Snapshot, load_default
-from extauthz.store.base import ClientRecord, StoreError
+from extauthz.store.base import ClientRecord
 from extauthz.store.memory import MemoryStore
 from extauthz.telemetry.metrics import REGISTRY
-from tests.store_contract import FakeClock
+from tests.store_contract import FailingStore, FakeClock
 
 PolicyFromText = Callable[[str], Snapshot]
 KeyDigest = Callable[[str], str]
@@ -82,22 +82,6 @@ def _core(
     snapshot: Snapshot, store: Any, clock: FakeClock, budget_s: float = BUDGET_S
 ) -> DecisionCore:
     return DecisionCore(lambda: snapshot, store, clock=clock, budget_s=budget_s)
-
-
-class _FailingStore(MemoryStore):
-    """A store whose ``record`` always fails, as a Redis that is down."""
-
-    async def record(
-        self,
-        client_id: str,
-        *,
-        tier: str,
-        requests: int,
-        instances: int,
-        now: float,
-        limits: Sequence[LimitCharge] = (),
-    ) -> ClientRecord:
-        raise StoreError("connection refused")
 
 
 class _SlowStore(MemoryStore):
@@ -482,7 +466,7 @@ class TestStoreFailure:
         self, keyed_policy: Callable[[str], Snapshot], clock: FakeClock
     ) -> None:
         before = _store_errors()
-        store = _FailingStore(clock=clock)
+        store = FailingStore(clock=clock)
         decision = await _core(keyed_policy("fail_modes: {store: fail_open}"), store, clock).decide(
             _request(key=ALICE_KEY)
         )
@@ -494,7 +478,7 @@ class TestStoreFailure:
     async def test_store_error_blocks_with_503_under_fail_mode_deny(
         self, keyed_policy: Callable[[str], Snapshot], clock: FakeClock
     ) -> None:
-        store = _FailingStore(clock=clock)
+        store = FailingStore(clock=clock)
         decision = await _core(
             keyed_policy("fail_modes: {store: fail_closed}"), store, clock
         ).decide(_request(key=ALICE_KEY))
@@ -520,7 +504,7 @@ class TestStoreFailure:
     ) -> None:
         snapshot = keyed_policy("")
         identity = identify(_request(key=ALICE_KEY), snapshot)
-        core = _core(snapshot, _FailingStore(clock=clock), clock)
+        core = _core(snapshot, FailingStore(clock=clock), clock)
         charged = await core.charge(identity, requests=1, instances=8)
         assert charged.record is None
         assert charged.degraded

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import pytest
 
@@ -11,15 +11,13 @@ from extauthz.core.identity import RequestInfo, identify
 from extauthz.core.limiter import (
     AppliedLimit,
     ChargeMode,
-    LimitCharge,
     LimitState,
     rate_limit_fields,
 )
 from extauthz.core.risk import Action
 from extauthz.policy.loader import PolicyError, Snapshot
-from extauthz.store.base import ClientRecord, StoreError
 from extauthz.store.memory import MemoryStore
-from tests.store_contract import FakeClock
+from tests.store_contract import FailingStore, FakeClock
 from tests.unit.conftest import PolicyFromText
 
 ALICE = "alice-key"
@@ -58,20 +56,6 @@ def _core(
     snapshot: Snapshot, store: MemoryStore, clock: FakeClock, **kwargs: object
 ) -> DecisionCore:
     return DecisionCore(lambda: snapshot, store, clock=clock, budget_s=0.05, **kwargs)  # type: ignore[arg-type]
-
-
-class _DownStore(MemoryStore):
-    async def record(
-        self,
-        client_id: str,
-        *,
-        tier: str,
-        requests: int,
-        instances: int,
-        now: float,
-        limits: Sequence[LimitCharge] = (),
-    ) -> ClientRecord:
-        raise StoreError("connection refused")
 
 
 class TestRequestLimits:
@@ -221,7 +205,7 @@ class TestStoreFailure:
         )
         core = _core(
             snapshot,
-            _DownStore(clock=clock),
+            FailingStore(clock=clock),
             clock,
             local_store=MemoryStore(clock=clock),
             replicas=3,
@@ -248,7 +232,9 @@ class TestStoreFailure:
             "[{unit: requests, rate: 1, per: minute}]",
             extra=f"fail_modes: {{store: {mode}}}",
         )
-        core = _core(snapshot, _DownStore(clock=clock), clock, local_store=MemoryStore(clock=clock))
+        core = _core(
+            snapshot, FailingStore(clock=clock), clock, local_store=MemoryStore(clock=clock)
+        )
         decisions = [await core.decide(_request()) for _ in range(3)]
         assert {(d.action, d.status) for d in decisions} == {(action, status)}
 
