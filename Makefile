@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 
-.PHONY: demo test test-unit test-integration test-e2e bench proto proto-check lint redis wrk clean
+.PHONY: demo test test-unit test-integration test-e2e bench proto proto-check lint redis wrk browser clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq redis-server; }
 
+# Debian's Chromium for the browser tests (tests/e2e/browser.py drives it through playwright).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq chromium; }
+
 wrk:
 	@command -v wrk >/dev/null 2>&1 || { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq wrk; }
 
@@ -24,7 +28,7 @@ demo: $(STAMP)
 	$(BIN)/python -m extauthz demo $(if $(KEEP),--keep)
 
 # The suite, then the lint that keeps the package strictly typed (ruff + mypy strict).
-test: $(STAMP) redis
+test: $(STAMP) redis browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 	$(MAKE) --no-print-directory lint
 
@@ -40,6 +44,7 @@ test-e2e: $(STAMP)
 bench: $(STAMP) wrk redis
 	$(BIN)/python -m tests.bench.run_bench $(BENCH_ARGS)
 	$(BIN)/python -m tests.bench.bench_protect --json bench-protect.json
+	$(BIN)/python -m tests.bench.bench_pow --json bench-pow.json
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

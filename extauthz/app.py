@@ -20,7 +20,9 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from extauthz._proto.v1 import admin_pb2, admin_pb2_grpc
+from extauthz.challenge.gate import CaptchaRegistry, ChallengeGate
 from extauthz.core.decision import DecisionCore
+from extauthz.keys import KeyRing
 from extauthz.policy.watch import PolicyHolder
 from extauthz.service.admin import AdminService
 from extauthz.service.authz import AuthorizationService
@@ -72,6 +74,17 @@ def create_store(settings: Settings, clock: Callable[[], float]) -> Store:
     )
 
 
+def key_ring(settings: Settings) -> KeyRing:
+    """Keys for challenges and passes (with ids, so they rotate); random when none is given."""
+    if settings.keys_file is not None:
+        return KeyRing.from_file(settings.keys_file)
+    log.warning(
+        "keys_random",
+        detail="no --keys-file: passes and challenges are valid on this process only, until it restarts",
+    )
+    return KeyRing.random()
+
+
 def noise_key(settings: Settings) -> bytes:
     """The keyed-noise secret: the file's bytes, or a random key for this process alone."""
     if settings.noise_key_file is not None:
@@ -114,6 +127,7 @@ class Guard:
     readiness: Readiness
     health: health_aio.HealthServicer
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    captchas: CaptchaRegistry | None = None
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Drain: health NOT_SERVING first, wait ``drain_s``, let in-flight requests finish, close."""
@@ -127,6 +141,8 @@ class Guard:
         await self.server.stop(grace_s)
         await self.http_runner.cleanup()
         await self.store.close()
+        if self.captchas is not None:
+            await self.captchas.close()
         log.info("stopped")
 
 
@@ -159,10 +175,15 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(core), server)
+    keys = key_ring(settings)
+    captchas = CaptchaRegistry()
+    gate = ChallengeGate(core, keys, clock=clock, captcha=captchas.for_snapshot)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        AuthorizationService(core, gate), server
+    )
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorService(
-            core, max_body_bytes=settings.max_message_bytes, noise_key=noise_key(settings)
+            core, gate, max_body_bytes=settings.max_message_bytes, noise_key=noise_key(settings)
         ),
         server,
     )

@@ -31,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "max_message_bytes": args.max_message_bytes,
                 "admin_token_file": args.admin_token_file,
                 "noise_key_file": args.noise_key_file,
+                "keys_file": args.keys_file,
                 "tls_cert_file": args.tls_cert,
                 "tls_key_file": args.tls_key,
                 "tls_client_ca_file": args.tls_client_ca,
@@ -147,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="guard replicas sharing the store (divides budgets in local mode)",
     )
     serve.add_argument(
+        "--keys-file",
+        type=Path,
+        help="challenge and pass keys, YAML {current: id, keys: {id: secret}}",
+    )
+    serve.add_argument(
         "--noise-key-file", type=Path, help="secret for keyed noise (the same on every replica)"
     )
     serve.add_argument(
@@ -199,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     admin.set_defaults(func=_admin)
 
+    solve = commands.add_parser(
+        "solve",
+        help="solve a proof-of-work challenge (TOKEN DIFFICULTY), or send a request and solve what it gets",
+        add_help=False,
+    )
+    solve.add_argument("rest", nargs=argparse.REMAINDER)
+
     demo = commands.add_parser(
         "demo", help="run model + guard + Envoy locally and send traffic through"
     )
@@ -213,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["solve"]:
+        # `solve` has its own parser (extauthz.challenge.client), options included.
+        from extauthz.challenge.client import main as solve_main
+
+        return solve_main(argv[1:])
     args = build_parser().parse_args(argv)
     code: int = args.func(args)
     return code

@@ -29,6 +29,8 @@ class Settings:
     admin_token_file: Path | None = None
     # Key of the output policies' keyed noise (a k8s Secret); the same file on every replica.
     noise_key_file: Path | None = None
+    # Keys with ids (YAML {current, keys}) for challenges and passes; rotate by adding a key.
+    keys_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None

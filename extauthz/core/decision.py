@@ -55,6 +55,11 @@ class Decision:
     enforced: bool = True
     limits: tuple[AppliedLimit, ...] = ()
     refused_by: AppliedLimit | None = None
+    # Challenges: the one issued with a 401, the pass granted now (sent back to the client),
+    # and the id of the pass this request is admitted with (its instance budget is charged).
+    challenge: IssuedChallenge | None = None
+    granted_pass: str = ""
+    pass_id: str = ""
 
     @property
     def allowed(self) -> bool:
@@ -64,6 +69,15 @@ class Decision:
     def error(self) -> str:
         """The stable code shown to the client in a refusal body."""
         return self.reasons[0] if self.reasons else self.action.value
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedChallenge:
+    """A proof-of-work challenge sent with a 401."""
+
+    token: str
+    difficulty: int
+    expires_at: float
 
 
 @dataclass(frozen=True, slots=True)

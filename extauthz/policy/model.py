@@ -329,6 +329,55 @@ class Route(_Frozen):
         return value
 
 
+class Captcha(_Frozen):
+    """A CAPTCHA provider for browsers (the secret may be given here or in the keys file)."""
+
+    provider: Literal["turnstile", "hcaptcha", "recaptcha"]
+    site_key: str
+    secret: str
+    verify_url: str | None = None
+    timeout_s: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 0.04
+    # A provider that does not answer in time: let the client through, or challenge again.
+    fail_mode: Literal["fail_open", "fail_closed"] = "fail_closed"
+
+
+class Challenge(_Frozen):
+    """Who solves what before a pass, and what a pass is worth.
+
+    Proof-of-work difficulty (leading zero bits of SHA-256) is set per risk level and grows by
+    ``bits_per_doubling`` for every doubling of the instances a request carries, so a batch of
+    64 costs more work than a single query. A pass lasts ``pass_ttl_s`` and covers
+    ``pass_budget`` instances, whichever ends first.
+    """
+
+    difficulty: dict[str, Annotated[int, Field(ge=1, le=32)]] = Field(
+        default_factory=lambda: {"normal": 12, "elevated": 14, "suspicious": 16, "abusive": 20}
+    )
+    bits_per_doubling: Annotated[float, Field(ge=0, le=4)] = 1.0
+    max_difficulty: Annotated[int, Field(ge=1, le=32)] = 24
+    ttl_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    pass_ttl_s: Annotated[float, Field(gt=0, le=86_400)] = 600.0
+    pass_budget: Annotated[int, Field(ge=1)] = 200
+    bind_address: bool = False
+    captcha: Captcha | None = None
+
+    @field_validator("difficulty")
+    @classmethod
+    def _levels(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(value) - {level.label for level in RiskLevel})
+        if unknown:
+            raise ValueError(
+                f"unknown risk level {unknown[0]!r} (expected normal, elevated, suspicious, abusive)"
+            )
+        return value
+
+    def difficulty_for(self, level: RiskLevel, instances: int = 1) -> int:
+        """Leading zero bits asked of a client at ``level`` whose request carries ``instances``."""
+        base = self.difficulty.get(level.label, max(self.difficulty.values(), default=16))
+        extra = math.ceil(self.bits_per_doubling * math.log2(max(1, instances)))
+        return int(min(self.max_difficulty, base + extra))
+
+
 class FailModes(_Frozen):
     """What happens when a part of the guard cannot answer."""
 
@@ -360,6 +409,7 @@ class Policy(_Frozen):
     fail_modes: FailModes = FailModes()
     retry_after_s: Annotated[int, Field(gt=0)] = 60
     subnets: Subnets = Subnets()
+    challenge: Challenge = Challenge()
 
     @field_validator("tiers")
     @classmethod

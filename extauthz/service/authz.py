@@ -10,6 +10,8 @@ import structlog
 from envoy.service.auth.v3 import external_auth_pb2 as auth_pb2
 from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc
 
+from extauthz.challenge.captcha import CaptchaWidget
+from extauthz.challenge.gate import ChallengeGate
 from extauthz.core.decision import Decision, DecisionCore
 from extauthz.core.identity import RequestInfo
 from extauthz.policy.loader import Snapshot
@@ -48,8 +50,9 @@ def request_from_check(request: auth_pb2.CheckRequest, snapshot: Snapshot) -> Re
 class AuthorizationService(auth_grpc.AuthorizationServicer):
     """``envoy.service.auth.v3.Authorization``: one unary Check per HTTP request."""
 
-    def __init__(self, core: DecisionCore) -> None:
+    def __init__(self, core: DecisionCore, gate: ChallengeGate) -> None:
         self._core = core
+        self._gate = gate
         self._allowed = AllowCache()
 
     async def Check(  # noqa: N802 - the gRPC method name
@@ -60,10 +63,11 @@ class AuthorizationService(auth_grpc.AuthorizationServicer):
             snapshot = self._core.snapshot()
             info = request_from_check(request, snapshot)
             decision = await self._core.decide(info, snapshot=snapshot)
-            if decision.allowed and not decision.limits:
+            decision = await self._gate.admit(decision, info.headers, snapshot)
+            if decision.allowed and not (decision.limits or decision.pass_id):
                 response = self._allowed.get(decision)
             else:
-                response = answer(decision, info.request_id)
+                response = answer(decision, info, snapshot, self._gate.widget(snapshot))
         except Exception:  # never let a message crash the handler; Envoy applies its failure mode
             metrics.ERRORS.labels("internal_error").inc()
             log.exception("check_failed")
@@ -96,11 +100,21 @@ class AllowCache:
         return response
 
 
-def answer(decision: Decision, request_id: str) -> auth_pb2.CheckResponse:
+def answer(
+    decision: Decision, info: RequestInfo, snapshot: Snapshot, captcha: CaptchaWidget | None = None
+) -> auth_pb2.CheckResponse:
     """Turn a decision into Envoy's CheckResponse (shadow mode always allows)."""
     if decision.allowed:
-        return envoy.check_ok(decision)  # with the remaining budget in RateLimit fields
-    status, headers, body = envoy.refusal(decision, request_id=request_id)
+        # With the remaining budget in RateLimit fields, and a pass granted now.
+        granted = envoy.grant_headers(decision, pass_ttl_s=snapshot.policy.challenge.pass_ttl_s)
+        return envoy.check_ok(decision, granted)
+    status, headers, body = envoy.refusal(
+        decision,
+        request_id=info.request_id,
+        accept=info.headers.get("accept", ""),
+        path=info.path,
+        captcha=captcha,
+    )
     return envoy.check_denied(status, headers, body, envoy.decision_struct(decision))
 
 

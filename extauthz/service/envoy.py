@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -14,6 +14,9 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from extauthz.challenge.captcha import CaptchaWidget
+from extauthz.challenge.page import page_csp, render_challenge_page
+from extauthz.challenge.passes import set_cookie_value
 from extauthz.core.decision import Decision
 from extauthz.core.limiter import rate_limit_fields
 from extauthz.core.risk import Action
@@ -88,6 +91,7 @@ def decision_struct(decision: Decision) -> struct_pb2.Struct:
             "action": decision.action.value,
             "reasons": ",".join(decision.reasons),
             "enforced": decision.enforced,
+            "pass": decision.pass_id,
         }
     )
     return struct
@@ -105,9 +109,15 @@ def upstream_headers(decision: Decision) -> list[tuple[str, str]]:
 
 
 def refusal(
-    decision: Decision, *, request_id: str = ""
+    decision: Decision,
+    *,
+    request_id: str = "",
+    accept: str = "",
+    path: str = "/",
+    captcha: CaptchaWidget | None = None,
 ) -> tuple[int, list[tuple[str, str]], bytes]:
-    """Return (status, headers, JSON body) for a decision that refuses the request."""
+    """Return (status, headers, body) for a decision that refuses the request: JSON, or for a
+    challenge asked by a browser (``accept`` prefers text/html), the page that solves it."""
     message = _MESSAGES.get(decision.error) or _DENY_MESSAGES.get(decision.action, "refused")
     document: dict[str, Any] = {
         "error": decision.error,
@@ -134,12 +144,61 @@ def refusal(
     if decision.retry_after_s:
         document["retry_after_s"] = decision.retry_after_s
         headers.append(("retry-after", str(decision.retry_after_s)))
-    if decision.status == 401:
-        scheme = "ExtauthzPoW" if decision.action is Action.CHALLENGE else "ApiKey"
-        headers.append(("www-authenticate", f'{scheme} realm="extauthz"'))
+    challenge = decision.challenge
+    if challenge is not None:
+        document["challenge"] = {
+            "scheme": "ExtauthzPoW",
+            "token": challenge.token,
+            "difficulty": challenge.difficulty,
+            "expires_at": int(challenge.expires_at),
+            "header": "x-extauthz-pow",
+            "how": "find a decimal nonce such that SHA-256 of '<token>:<nonce>' starts with "
+            "<difficulty> zero bits, then retry with x-extauthz-pow: <token>:<nonce> "
+            "(python -m extauthz solve does it)",
+        }
+        headers.append(
+            (
+                "www-authenticate",
+                f'ExtauthzPoW realm="extauthz", challenge="{challenge.token}", '
+                f'difficulty="{challenge.difficulty}"',
+            )
+        )
+        if _wants_html(accept):
+            page = render_challenge_page(
+                token=challenge.token,
+                difficulty=challenge.difficulty,
+                expires_at=challenge.expires_at,
+                retry_url=path,
+                captcha=captcha,
+            )
+            headers[0] = ("content-type", "text/html; charset=utf-8")
+            headers.append(("content-security-policy", page_csp(captcha)))
+            return decision.status, headers, page
+    elif decision.status == 401:
+        headers.append(("www-authenticate", 'ApiKey realm="extauthz"'))
     if request_id:
         document["request_id"] = request_id
     return decision.status, headers, json.dumps(document, separators=(",", ":")).encode()
+
+
+def _wants_html(accept: str) -> bool:
+    """A browser navigation asks for text/html before (or instead of) JSON."""
+    accept = accept.lower()
+    if "text/html" not in accept:
+        return False
+    return "application/json" not in accept or accept.index("text/html") < accept.index(
+        "application/json"
+    )
+
+
+def grant_headers(decision: Decision, *, pass_ttl_s: float) -> list[tuple[str, str]]:
+    """The pass granted with this answer: a header for API clients, a cookie for browsers."""
+    if not decision.granted_pass:
+        return []
+    return [
+        ("x-extauthz-pass", decision.granted_pass),
+        ("set-cookie", set_cookie_value(decision.granted_pass, ttl_s=pass_ttl_s)),
+    ]
 
 
 def _window(seconds: float) -> str:
@@ -173,15 +232,18 @@ def _header_options(
     ]
 
 
-def check_ok(decision: Decision) -> auth_pb2.CheckResponse:
-    """Allow, sending the client's id, tier and risk upstream and the decision as metadata."""
+def check_ok(
+    decision: Decision, client_headers: Sequence[tuple[str, str]] = ()
+) -> auth_pb2.CheckResponse:
+    """Allow, sending the client's id, tier and risk upstream and the decision as metadata;
+    ``client_headers`` go on the answer to the client (a granted pass)."""
     return auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=auth_pb2.OkHttpResponse(
             headers=_header_options(upstream_headers(decision)),
             # The client's remaining budget, on the answer it gets.
             response_headers_to_add=_header_options(
-                rate_limit_fields(decision.limits), append=True
+                [*rate_limit_fields(decision.limits), *client_headers], append=True
             ),
         ),
         dynamic_metadata=decision_struct(decision),

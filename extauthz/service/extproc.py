@@ -24,6 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as proc_grpc
 from google.protobuf import struct_pb2
 
+from extauthz.challenge.gate import ChallengeGate
 from extauthz.core.decision import Decision, DecisionCore
 from extauthz.core.identity import Identity, RequestInfo, identify
 from extauthz.core.limiter import ChargeMode, rate_limit_fields
@@ -90,11 +91,14 @@ class _StreamState:
 class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
     """``envoy.service.ext_proc.v3.ExternalProcessor``: one bidi stream per HTTP request."""
 
-    def __init__(self, core: DecisionCore, *, max_body_bytes: int, noise_key: bytes) -> None:
+    def __init__(
+        self, core: DecisionCore, gate: ChallengeGate, *, max_body_bytes: int, noise_key: bytes
+    ) -> None:
         """``noise_key`` keys the noise of output policies: the same on every replica."""
         self._core = core
         self._max_body_bytes = max_body_bytes
         self._noise_key = noise_key
+        self._gate = gate
 
     async def Process(  # noqa: N802 - the gRPC method name
         self,
@@ -190,6 +194,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         if check is None:
             # Single hop: no Check ran before this filter, so decide here with the same core.
             decision = await self._core.decide(info, snapshot=snapshot)
+            decision = await self._gate.admit(decision, headers, snapshot)
         else:
             identity = identify(info, snapshot)
             if identity.client_id != check.identity.client_id:
@@ -198,7 +203,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 check.action, identity, check.level, check.reasons, snapshot
             )
             # Check decided whether to enforce; a policy reload in between must not change that.
-            decision = dataclasses.replace(decision, enforced=check.enforced)
+            decision = dataclasses.replace(decision, enforced=check.enforced, pass_id=check.pass_id)
         state.identity = decision.identity
         state.level = decision.level
         state.decision = decision
@@ -206,7 +211,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         metadata = {envoy.EXT_PROC_NAMESPACE: envoy.decision_struct(decision)}
         if not decision.allowed:
             state.done = True
-            status, refusal_headers, body = envoy.refusal(decision, request_id=state.request_id)
+            status, refusal_headers, body = self._refusal(decision, state)
             return envoy.immediate(
                 status,
                 refusal_headers,
@@ -331,6 +336,17 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                         rewritten_body, max_instances=tier.max_instances
                     ).instances
         state.instances = instances
+        if state.decision is not None and state.decision.pass_id:
+            if not await self._gate.charge_pass(state.decision, state.snapshot, instances):
+                # The pass cannot cover this batch: a new challenge, as hard as the batch is big.
+                state.done = True
+                challenge = self._gate.challenge(
+                    state.decision, state.snapshot, instances=instances
+                )
+                status, refusal_headers, refusal_body = self._refusal(challenge, state)
+                return envoy.immediate(
+                    status, refusal_headers, refusal_body, details="extauthz_challenge"
+                )
         metrics.INSTANCES.labels(state.identity.tier).inc(instances)
         limits = self._core.limits_for(
             state.identity, state.snapshot, _INSTANCE_PHASE, cost=instances
@@ -354,7 +370,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 metrics.DECISIONS.labels(
                     "ext_proc", decision.action.value, decision.identity.tier
                 ).inc()
-                status, refusal_headers, body = envoy.refusal(decision, request_id=state.request_id)
+                status, refusal_headers, body = self._refusal(decision, state)
                 return envoy.immediate(
                     status, refusal_headers, body, details="extauthz_rate_limited"
                 )
@@ -369,6 +385,18 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             [("content-length", str(len(body)))], remove=["content-encoding"]
         )
         return envoy.continue_response("request_body", mutation=mutation, body=body)
+
+    @staticmethod
+    def _refusal(
+        decision: Decision, state: _StreamState
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        headers = state.request_headers
+        return envoy.refusal(
+            decision,
+            request_id=state.request_id,
+            accept=headers.get("accept", ""),
+            path=headers.get(":path", "/"),
+        )
 
     def _refuse_body(
         self, state: _StreamState, code: str, message: str, status: int
@@ -421,8 +449,13 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             and any(limit.unit == "tokens" for limit in tier.limits)
         )
         # The client's remaining instance budget travels on the answer.
-        applied = state.decision.limits if state.decision is not None else ()
-        mutation = envoy.header_mutation(append=rate_limit_fields(applied)) if applied else None
+        client_headers: list[tuple[str, str]] = []
+        if state.decision is not None:
+            client_headers += rate_limit_fields(state.decision.limits)
+            client_headers += envoy.grant_headers(
+                state.decision, pass_ttl_s=state.snapshot.policy.challenge.pass_ttl_s
+            )
+        mutation = envoy.header_mutation(append=client_headers) if client_headers else None
         if not (state.rewrite or state.count_tokens):
             return envoy.continue_response(
                 "response_headers", mutation=mutation, mode_override=_SKIP_RESPONSE_BODY
@@ -556,6 +589,7 @@ class _CheckVerdict:
     level: RiskLevel
     reasons: tuple[str, ...]
     enforced: bool
+    pass_id: str = ""
 
 
 def _check_verdict(message: proc_pb2.ProcessingRequest) -> _CheckVerdict | None:
@@ -575,4 +609,5 @@ def _check_verdict(message: proc_pb2.ProcessingRequest) -> _CheckVerdict | None:
     reasons = tuple(r for r in envoy.struct_value(struct, "reasons").split(",") if r)
     identity = Identity(client, envoy.struct_value(struct, "tier"), "anonymous")
     enforced = envoy.struct_value(struct, "enforced") != "false"
-    return _CheckVerdict(identity, action, level, reasons, enforced)
+    pass_id = envoy.struct_value(struct, "pass")
+    return _CheckVerdict(identity, action, level, reasons, enforced, pass_id)

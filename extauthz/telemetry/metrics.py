@@ -45,6 +45,13 @@ LIMITED = Counter(
     ["unit", "scope"],
     registry=REGISTRY,
 )
+CHALLENGES = Counter(
+    "extauthz_challenges",
+    "Challenge outcomes: issued, solved, pass_ok, replayed, expired, bad_signature, wrong_client, "
+    "insufficient_work, malformed, pass_budget_exhausted, captcha_<reason>, ...",
+    ["outcome"],
+    registry=REGISTRY,
+)
 BODY_REWRITES = Counter(
     "extauthz_body_rewrites",
     "Model responses rewritten by an output policy, by dialect and policy.",

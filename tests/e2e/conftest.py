@@ -48,6 +48,7 @@ tiers:
     limits: [{{name: tokens-daily, unit: tokens, rate: {LLM_TOKENS_PER_DAY}, per: day}}]
 deny:
   key_sha256: [{_digest(LEAKED_KEY)}]
+challenge: {{pass_budget: 20}}
 """
 
 
