@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from extauthz.admin_client import AdminClient
+from extauthz.challenge.client import ChallengeSession
 from extauthz.demo.client import Client, Reply
 from extauthz.demo.local import LocalStack
 
@@ -132,7 +134,30 @@ def run_traffic(stack: LocalStack, say: Callable[[str], None]) -> list[ClientRep
         leaked.notes.append(f"unknown key refused: {reply.json().get('error')}")
     reports.append(leaked)
 
-    # 5. A harvester: batches until its daily instance quota is spent, an oversized batch,
+    # 5. A client an operator finds suspicious: challenged, it pays proof-of-work for a pass.
+    suspect = ClientReport("suspect (pinned suspicious)", "127.0.0.7")
+    with AdminClient(stack.admin_target, stack.admin_token) as admin:
+        admin.set_level(f"ip:{suspect.source}", "suspicious", reason="demo")
+    with Client(port, source=suspect.source) as http:
+        reply = suspect.record(http.post(KSERVE, _kserve(x_test[:1])), 1)
+    suspect.notes.append(
+        f"challenged: {reply.status}, difficulty {reply.json()['challenge']['difficulty']} bits"
+    )
+    with ChallengeSession("127.0.0.1", port, source_address=suspect.source) as session:
+        for row in x_test[:5]:
+            body = orjson.dumps(_kserve(row[None, :]))
+            answer = session.request(
+                "POST", KSERVE, body=body, headers={"content-type": "application/json"}
+            )
+            suspect.statuses[answer.status] += 1
+            suspect.instances_sent += 1
+            suspect.instances_answered += answer.status == 200
+        suspect.notes.append(
+            f"solved {session.solved} challenge in {session.work_s * 1000:.0f} ms; its pass covered the other requests"
+        )
+    reports.append(suspect)
+
+    # 6. A harvester: batches until its daily instance quota is spent, an oversized batch,
     #    then pinned abusive by an operator and blocked.
     harvester = ClientReport("harvester (anonymous)", "127.0.0.3")
     with Client(port, source=harvester.source) as http:
@@ -203,6 +228,8 @@ def expectations(reports: list[ClientReport]) -> list[str]:
         problems.append("the trusted customer lost detail")
     if by_label["mallory (deny-listed key)"].statuses != collections.Counter({403: 1, 401: 1}):
         problems.append("the leaked or unknown key was not refused")
+    if by_label["suspect (pinned suspicious)"].statuses != collections.Counter({401: 1, 200: 5}):
+        problems.append("the suspicious client was not challenged, or could not pass its challenge")
     harvester = by_label["harvester (anonymous)"].statuses
     if harvester != collections.Counter({200: 12, 429: 1, 413: 1, 403: 3}):
         problems.append("the harvester was not limited, capped and blocked")
@@ -231,8 +258,8 @@ def run_demo(*, keep: bool = False, workdir: Path | None = None) -> int:
                 say(f"UNEXPECTED: {problem}")
             return 1
         say(
-            "demo ok: benign clients served; the leaked key, the harvester's spent quota, its oversized batch "
-            "and the blocked client refused"
+            "demo ok: benign clients served; the suspect paid proof-of-work for a pass; the leaked key, "
+            "the harvester's spent quota, its oversized batch and the blocked client refused"
         )
         if keep:
             say(
