@@ -36,8 +36,9 @@ def generate(out_root: Path) -> list[Path]:
         (package / "__init__.py").write_text(
             '"""Generated from proto/ by scripts/gen_proto.py; never edit."""\n'
         )
+    files = (out_root / "extauthz/_proto").rglob("*")
     return sorted(
-        p.relative_to(out_root) for p in (out_root / "extauthz/_proto").rglob("*") if p.is_file()
+        p.relative_to(out_root) for p in files if p.is_file() and "__pycache__" not in p.parts
     )
 
 

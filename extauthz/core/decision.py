@@ -160,12 +160,21 @@ class DecisionCore:
         level = RiskLevel.NORMAL
         reasons: list[str] = []
         if record.pinned_level:
+            # An operator's pin wins over the detectors, in both directions.
             try:
                 level = RiskLevel.parse(record.pinned_level)
                 reasons.append(f"pinned_{level.label}")
             except ValueError:
                 log.warning(
                     "bad_pinned_level", client=identity.client_id, level=record.pinned_level
+                )
+        elif record.detected_level and snapshot.policy.detection.enabled:
+            try:
+                level = RiskLevel.parse(record.detected_level)
+                reasons.extend(record.risk_reasons)
+            except ValueError:
+                log.warning(
+                    "bad_detected_level", client=identity.client_id, level=record.detected_level
                 )
         if record.blocked:
             return self.verdict(

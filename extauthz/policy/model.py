@@ -378,6 +378,43 @@ class Challenge(_Frozen):
         return int(min(self.max_difficulty, base + extra))
 
 
+class DetectorSettings(_Frozen):
+    """One detector: its weight in the risk score, and whether it only scores and logs."""
+
+    weight: Annotated[float, Field(ge=0, le=1)] = 1.0
+    shadow: bool = False
+
+
+class Detection(_Frozen):
+    """Extraction detectors and how their verdicts become a risk level.
+
+    Detectors run on protected routes after the answer (they need the predicted class and
+    margin); their states live in the Store, so any replica continues them.
+    """
+
+    enabled: bool = True
+    detectors: dict[
+        Literal["prada", "margin", "fingerprint", "cross_client", "volume", "coverage"],
+        DetectorSettings,
+    ] = Field(default_factory=dict)
+    elevated: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    suspicious: Annotated[float, Field(gt=0, lt=1)] = 0.6
+    abusive: Annotated[float, Field(gt=0, le=1)] = 0.9
+    hysteresis: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
+    half_life_s: Annotated[float, Field(gt=0)] = 3600.0
+    # Share of answers with a top-2 margin under 0.1 in the model's normal traffic.
+    margin_baseline: Annotated[float, Field(ge=0, le=1)] = 0.05
+    # Instances per minute above which sustained volume counts (per tier limits still apply).
+    sustained_per_min: Annotated[float, Field(gt=0)] = 600.0
+    state_ttl_s: Annotated[float, Field(gt=0)] = 86_400.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Detection:
+        if not self.elevated < self.suspicious < self.abusive:
+            raise ValueError("thresholds must rise: elevated < suspicious < abusive")
+        return self
+
+
 class FailModes(_Frozen):
     """What happens when a part of the guard cannot answer."""
 
@@ -410,6 +447,7 @@ class Policy(_Frozen):
     retry_after_s: Annotated[int, Field(gt=0)] = 60
     subnets: Subnets = Subnets()
     challenge: Challenge = Challenge()
+    detection: Detection = Detection()
 
     @field_validator("tiers")
     @classmethod

@@ -61,12 +61,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.GetClientRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Client:  # noqa: N802
         async def run() -> admin_pb2.Client:
-            record = await self._core.store.get_client(_client_id(request.client_id))
+            client_id = _client_id(request.client_id)
+            record = await self._core.store.get_client(client_id)
             if record is None:
                 raise _Refused(
                     grpc.StatusCode.NOT_FOUND, f"unknown client {request.client_id!r}", "not_found"
                 )
-            return self._client(record)
+            client = self._client(record)
+            detection = await self._core.store.load_detection(client_id)
+            if detection is not None:
+                client.timeline.extend(
+                    admin_pb2.LevelChange(time=t, level=level, reasons=reasons)
+                    for t, level, reasons in detection.timeline
+                )
+            return client
 
         return await self._call("GetClient", context, run)
 
@@ -187,6 +195,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             instances=record.instances,
             effective_level=decision.level.label,
             action=decision.action.value,
+            risk=record.risk,
+            detected_level=record.detected_level,
+            risk_reasons=list(record.risk_reasons),
         )
 
 

@@ -7,8 +7,8 @@ bounded: a TTL refreshed on activity, and a cap on the number of clients.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from extauthz.core.limiter import LimitCharge, LimitState
@@ -41,6 +41,26 @@ class ClientRecord:
     requests: int = 0
     instances: int = 0
     limits: tuple[LimitState, ...] = ()
+    # What the detectors concluded (see ``DetectionState``): the level the decision acts on
+    # when no operator pin says otherwise.
+    risk: float = 0.0
+    detected_level: str = ""
+    risk_reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DetectionState:
+    """A client's detector states (opaque bytes per detector) and the risk they add up to.
+
+    ``timeline`` keeps the last level changes as (time, level, reasons) for operators.
+    """
+
+    detectors: Mapping[str, bytes] = field(default_factory=dict)
+    risk: float = 0.0
+    level: str = "normal"
+    reasons: tuple[str, ...] = ()
+    updated_at: float = 0.0
+    timeline: tuple[tuple[float, str, str], ...] = ()
 
 
 class Store(Protocol):
@@ -95,6 +115,15 @@ class Store(Protocol):
 
         ``ttl_s`` bounds how long the pin lasts; ``None`` keeps it until reset.
         """
+        ...
+
+    async def load_detection(self, client_id: str) -> DetectionState | None:
+        """Return the client's detection state, or None when it has none."""
+        ...
+
+    async def save_detection(self, client_id: str, state: DetectionState, *, ttl_s: float) -> None:
+        """Store the client's detection state for ``ttl_s``; its risk, level and reasons also
+        go on the client's record, so ``record`` returns them in the same round trip."""
         ...
 
     async def reset_client(self, client_id: str) -> bool:

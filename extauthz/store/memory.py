@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from extauthz.core.limiter import LimitCharge, LimitState, evaluate
-from extauthz.store.base import ClientRecord
+from extauthz.store.base import ClientRecord, DetectionState
 
 
 @dataclass(slots=True)
@@ -32,6 +32,7 @@ class _Entry:
     pin_until: float = math.inf
     requests: int = 0
     instances: int = 0
+    detection: DetectionState | None = None
 
     @property
     def pinned(self) -> bool:
@@ -49,6 +50,9 @@ class _Entry:
             requests=self.requests,
             instances=self.instances,
             limits=limits,
+            risk=self.detection.risk if self.detection else 0.0,
+            detected_level=self.detection.level if self.detection else "",
+            risk_reasons=self.detection.reasons if self.detection else (),
         )
 
 
@@ -181,6 +185,20 @@ class MemoryStore:
         entry.pin_until = math.inf if ttl_s is None else now + ttl_s
         self._touch(client_id, entry, now)
         return entry.snapshot(client_id)
+
+    async def load_detection(self, client_id: str) -> DetectionState | None:
+        """Return the client's detection state, or None."""
+        entry = self._live(client_id, self._clock())
+        return None if entry is None else entry.detection
+
+    async def save_detection(self, client_id: str, state: DetectionState, *, ttl_s: float) -> None:
+        """Keep the detection state with the client's record (which bounds and expires both)."""
+        now = self._clock()
+        entry = self._live(client_id, now)
+        if entry is None:
+            entry = self._admit(client_id, now)
+        entry.detection = state
+        self._touch(client_id, entry, now)
 
     async def reset_client(self, client_id: str) -> bool:
         """Forget the client; return whether it was known (and not expired)."""

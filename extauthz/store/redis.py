@@ -46,7 +46,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
 from extauthz.core.limiter import LimitCharge, LimitState
-from extauthz.store.base import ClientRecord, StoreError
+from extauthz.store.base import ClientRecord, DetectionState, StoreError
 
 _TRIM_EVERY = 1024
 """Trim the registry of expired entries once per this many ``record`` calls."""
@@ -580,11 +580,56 @@ class RedisStore:
                 )
             return _parse(client_id, _pairs(fields), now)
 
+    async def load_detection(self, client_id: str) -> DetectionState | None:
+        """Read the detector states and the risk fields (one slot: one pipeline)."""
+        async with self._guard("load_detection"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self.key(client_id, "det"))
+                pipe.hmget(self.key(client_id), *_RISK_FIELDS)
+                blobs, meta = await pipe.execute()
+        if not blobs:
+            return None
+        detectors = {
+            str(k): base64.b64decode(v) for k, v in _text(blobs).items() if k != "timeline"
+        }
+        timeline = tuple(tuple(item) for item in json.loads(_text(blobs).get("timeline", "[]")))
+        fields = dict(zip(_RISK_FIELDS, meta, strict=True))
+        return DetectionState(
+            detectors=detectors,
+            risk=float(fields.get("risk") or 0.0),
+            level=str(fields.get("dlevel") or "normal"),
+            reasons=tuple(r for r in str(fields.get("rreasons") or "").split(",") if r),
+            updated_at=float(fields.get("rupdated") or 0.0),
+            timeline=timeline,
+        )
+
+    async def save_detection(self, client_id: str, state: DetectionState, *, ttl_s: float) -> None:
+        """Write detector states (base64 in a hash beside the record) and the risk fields on
+        the record, atomically (both keys share the client's slot)."""
+        blobs: dict[str, str] = {
+            name: base64.b64encode(data).decode("ascii") for name, data in state.detectors.items()
+        }
+        blobs["timeline"] = json.dumps([list(item) for item in state.timeline])
+        meta = {
+            "risk": repr(float(state.risk)),
+            "dlevel": state.level,
+            "rreasons": ",".join(state.reasons),
+            "rupdated": repr(float(state.updated_at)),
+        }
+        det_key = self.key(client_id, "det")
+        async with self._guard("save_detection"):
+            async with self._client.pipeline(transaction=not self._cluster) as pipe:
+                pipe.hset(det_key, mapping=blobs)  # type: ignore[arg-type]
+                pipe.pexpire(det_key, max(1, int(ttl_s * 1000)))
+                pipe.hset(self.key(client_id), mapping=meta)  # type: ignore[arg-type]
+                await pipe.execute()
+
     async def reset_client(self, client_id: str) -> bool:
-        """Delete the client's record and registry entry; return whether it existed."""
+        """Delete the client's record, detection state and registry entry; return whether it existed."""
         async with self._guard("reset_client"):
-            deleted, _ = await asyncio.gather(
+            deleted, _, _ = await asyncio.gather(
                 self._client.delete(self.key(client_id)),
+                self._client.delete(self.key(client_id, "det")),
                 self._client.zrem(self._registry, client_id),
             )
             return bool(deleted)
@@ -698,6 +743,9 @@ def _parse_sentinel(rest: str) -> _SentinelTarget:
     return _SentinelTarget(sentinels, unquote(parts[0]), db, username, password)
 
 
+_RISK_FIELDS = ("risk", "dlevel", "rreasons", "rupdated")
+
+
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
     """Turn a script's flat HGETALL reply into a mapping."""
     return {str(k): str(v) for k, v in zip(flat[0::2], flat[1::2], strict=True)}
@@ -722,6 +770,9 @@ def _parse(client_id: str, fields: Mapping[str, str], now: float) -> ClientRecor
         last_seen=float(fields.get("last_seen", 0.0)),
         requests=int(fields.get("requests", 0)),
         instances=int(fields.get("instances", 0)),
+        risk=float(fields.get("risk", 0.0)),
+        detected_level=fields.get("dlevel", ""),
+        risk_reasons=tuple(r for r in fields.get("rreasons", "").split(",") if r),
     )
 
 

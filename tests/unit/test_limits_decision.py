@@ -301,3 +301,28 @@ class TestBuiltInPolicy:
         assert burst[-1].refused_by is not None and burst[-1].refused_by.name == "anonymous:burst"
         daily = next(a for a in burst[0].limits if a.name == "anonymous:daily")
         assert (daily.quota, daily.window_s, daily.unit) == (1000, 86_400.0, "instances")
+
+
+class TestDetectedLevel:
+    """The detectors' level drives the verdict; an operator's pin wins over it."""
+
+    async def test_detected_level_and_pin_precedence(
+        self, policy_from_text, key_digest, clock
+    ) -> None:
+        from extauthz.store.base import DetectionState
+
+        snapshot = _policy(
+            policy_from_text, key_digest, "[]", extra="levels: {suspicious: throttle}"
+        )
+        store = MemoryStore(clock=clock)
+        core = _core(snapshot, store, clock)
+        state = DetectionState(risk=0.7, level="suspicious", reasons=("prada_non_normal",))
+        await store.save_detection("key:alice", state, ttl_s=60)
+        detected = await core.decide(_request())
+        assert detected.action is Action.THROTTLE
+        assert "prada_non_normal" in detected.reasons
+        await store.set_level(
+            "key:alice", level="normal", blocked=False, reason="", now=clock(), ttl_s=None
+        )
+        pinned = await core.decide(_request())
+        assert pinned.action is Action.ALLOW and "pinned_normal" in pinned.reasons

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Client(_message.Message):
-    __slots__ = ("client_id", "tier", "pinned_level", "blocked", "reason", "first_seen", "last_seen", "requests", "instances", "effective_level", "action")
+    __slots__ = ("client_id", "tier", "pinned_level", "blocked", "reason", "first_seen", "last_seen", "requests", "instances", "effective_level", "action", "risk", "detected_level", "risk_reasons", "timeline")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     PINNED_LEVEL_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,10 @@ class Client(_message.Message):
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_LEVEL_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    RISK_FIELD_NUMBER: _ClassVar[int]
+    DETECTED_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    RISK_REASONS_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     tier: str
     pinned_level: str
@@ -30,7 +34,21 @@ class Client(_message.Message):
     instances: int
     effective_level: str
     action: str
-    def __init__(self, client_id: _Optional[str] = ..., tier: _Optional[str] = ..., pinned_level: _Optional[str] = ..., blocked: _Optional[bool] = ..., reason: _Optional[str] = ..., first_seen: _Optional[float] = ..., last_seen: _Optional[float] = ..., requests: _Optional[int] = ..., instances: _Optional[int] = ..., effective_level: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
+    risk: float
+    detected_level: str
+    risk_reasons: _containers.RepeatedScalarFieldContainer[str]
+    timeline: _containers.RepeatedCompositeFieldContainer[LevelChange]
+    def __init__(self, client_id: _Optional[str] = ..., tier: _Optional[str] = ..., pinned_level: _Optional[str] = ..., blocked: _Optional[bool] = ..., reason: _Optional[str] = ..., first_seen: _Optional[float] = ..., last_seen: _Optional[float] = ..., requests: _Optional[int] = ..., instances: _Optional[int] = ..., effective_level: _Optional[str] = ..., action: _Optional[str] = ..., risk: _Optional[float] = ..., detected_level: _Optional[str] = ..., risk_reasons: _Optional[_Iterable[str]] = ..., timeline: _Optional[_Iterable[_Union[LevelChange, _Mapping]]] = ...) -> None: ...
+
+class LevelChange(_message.Message):
+    __slots__ = ("time", "level", "reasons")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    level: str
+    reasons: str
+    def __init__(self, time: _Optional[float] = ..., level: _Optional[str] = ..., reasons: _Optional[str] = ...) -> None: ...
 
 class GetClientRequest(_message.Message):
     __slots__ = ("client_id",)
