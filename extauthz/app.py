@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from extauthz._proto.v1 import admin_pb2, admin_pb2_grpc
 from extauthz.challenge.gate import CaptchaRegistry, ChallengeGate
 from extauthz.core.decision import DecisionCore
+from extauthz.detect.pipeline import DetectionPipeline
 from extauthz.keys import KeyRing
 from extauthz.policy.watch import PolicyHolder
 from extauthz.service.admin import AdminService
@@ -178,12 +179,20 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
     keys = key_ring(settings)
     captchas = CaptchaRegistry()
     gate = ChallengeGate(core, keys, clock=clock, captcha=captchas.for_snapshot)
+    fingerprint_keys = keys.derive("fingerprint")
+    detection = DetectionPipeline(
+        store, key=fingerprint_keys.keys[fingerprint_keys.current_id], clock=clock
+    )
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationService(core, gate), server
     )
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorService(
-            core, gate, max_body_bytes=settings.max_message_bytes, noise_key=noise_key(settings)
+            core,
+            gate,
+            max_body_bytes=settings.max_message_bytes,
+            noise_key=noise_key(settings),
+            detection=detection,
         ),
         server,
     )

@@ -392,7 +392,9 @@ class Detection(_Frozen):
     margin); their states live in the Store, so any replica continues them.
     """
 
-    enabled: bool = True
+    # Off until the detectors are calibrated on benign traffic (issue 6): on digits-like inputs
+    # the fingerprint and PRADA defaults still flag natural clients.
+    enabled: bool = False
     detectors: dict[
         Literal["prada", "margin", "fingerprint", "cross_client", "volume", "coverage"],
         DetectorSettings,
@@ -407,6 +409,10 @@ class Detection(_Frozen):
     # Instances per minute above which sustained volume counts (per tier limits still apply).
     sustained_per_min: Annotated[float, Field(gt=0)] = 600.0
     state_ttl_s: Annotated[float, Field(gt=0)] = 86_400.0
+    # The inputs' full range, for Blacklight-style fingerprints (16 for 8x8 digits, 1 for [0, 1]).
+    input_scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    # A .npy file of normal traffic's projected vectors (R, 32): enables the coverage detector.
+    coverage_reference: str | None = None
 
     @model_validator(mode="after")
     def _ordered(self) -> Detection:

@@ -29,7 +29,9 @@ from extauthz.core.decision import Decision, DecisionCore
 from extauthz.core.identity import Identity, RequestInfo, identify
 from extauthz.core.limiter import ChargeMode, rate_limit_fields
 from extauthz.core.risk import Action, RiskLevel
+from extauthz.detect.pipeline import DetectionPipeline
 from extauthz.dialects import Dialect, DialectError, detect_dialect, dialect_for_route
+from extauthz.dialects.base import ParsedRequest
 from extauthz.dialects.oip_v2 import is_binary_response
 from extauthz.dialects.openai import token_usage
 from extauthz.policy.loader import Snapshot
@@ -85,6 +87,8 @@ class _StreamState:
     request_headers: dict[str, str] = dataclasses.field(default_factory=dict)
     request_key: RequestKey | None = None
     binary: bool = False
+    parsed_request: ParsedRequest | None = None
+    detect: bool = False
     done: bool = False
 
 
@@ -92,13 +96,20 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
     """``envoy.service.ext_proc.v3.ExternalProcessor``: one bidi stream per HTTP request."""
 
     def __init__(
-        self, core: DecisionCore, gate: ChallengeGate, *, max_body_bytes: int, noise_key: bytes
+        self,
+        core: DecisionCore,
+        gate: ChallengeGate,
+        *,
+        max_body_bytes: int,
+        noise_key: bytes,
+        detection: DetectionPipeline | None = None,
     ) -> None:
         """``noise_key`` keys the noise of output policies: the same on every replica."""
         self._core = core
         self._max_body_bytes = max_body_bytes
         self._noise_key = noise_key
         self._gate = gate
+        self._detection = detection
 
     async def Process(  # noqa: N802 - the gRPC method name
         self,
@@ -314,6 +325,8 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         rewritten_body: bytes | None = None
         if parsed is not None and dialect is not None:
             state.binary = parsed.binary
+            if parsed.inputs and self._detection is not None:
+                state.parsed_request = parsed
             steps = tier.output_for(state.level)
             if steps:
                 state.request_key = request_key(parsed, quantum=quantum_of(steps))
@@ -456,7 +469,13 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 state.decision, pass_ttl_s=state.snapshot.policy.challenge.pass_ttl_s
             )
         mutation = envoy.header_mutation(append=client_headers) if client_headers else None
-        if not (state.rewrite or state.count_tokens):
+        state.detect = (
+            readable
+            and state.parsed_request is not None
+            and state.snapshot.policy.detection.enabled
+            and not is_binary_response(headers)
+        )
+        if not (state.rewrite or state.count_tokens or state.detect):
             return envoy.continue_response(
                 "response_headers", mutation=mutation, mode_override=_SKIP_RESPONSE_BODY
             )
@@ -480,15 +499,15 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         self, body: proc_pb2.HttpBody, state: _StreamState
     ) -> proc_pb2.ProcessingResponse:
         if (
-            not (state.rewrite or state.count_tokens)
+            not (state.rewrite or state.count_tokens or state.detect)
             or state.dialect is None
             or state.identity is None
             or state.snapshot is None
         ):
             return envoy.continue_response("response_body")
-        rewrite, count_tokens = state.rewrite, state.count_tokens
+        rewrite, count_tokens, detect = state.rewrite, state.count_tokens, state.detect
         # One buffered body per stream; a duplicate passes through.
-        state.rewrite = state.count_tokens = False
+        state.rewrite = state.count_tokens = state.detect = False
         tier_steps = state.snapshot.policy.tier(state.identity.tier).output_for(state.level)
         try:
             raw = decode_body(body.body, state.response_encoding, limit=self._max_body_bytes)
@@ -498,6 +517,9 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             return envoy.continue_response("response_body")
         if count_tokens:
             await self._charge_tokens(parsed.doc, state)
+        if detect and self._detection is not None and state.parsed_request is not None:
+            # On the model's own answer, before any rewrite: true classes and margins.
+            self._detection.submit(state.identity, state.parsed_request, parsed, state.snapshot)
         if not rewrite:
             return envoy.continue_response("response_body")
         try:

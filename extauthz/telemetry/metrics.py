@@ -52,6 +52,18 @@ CHALLENGES = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+DETECTIONS = Counter(
+    "extauthz_detections",
+    "Detector verdicts scoring 0.5 or more, by detector and reason.",
+    ["detector", "reason"],
+    registry=REGISTRY,
+)
+LEVEL_CHANGES = Counter(
+    "extauthz_risk_level_changes",
+    "Clients whose detected risk level changed, by the new level.",
+    ["level"],
+    registry=REGISTRY,
+)
 BODY_REWRITES = Counter(
     "extauthz_body_rewrites",
     "Model responses rewritten by an output policy, by dialect and policy.",

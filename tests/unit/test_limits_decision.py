@@ -312,7 +312,10 @@ class TestDetectedLevel:
         from extauthz.store.base import DetectionState
 
         snapshot = _policy(
-            policy_from_text, key_digest, "[]", extra="levels: {suspicious: throttle}"
+            policy_from_text,
+            key_digest,
+            "[]",
+            extra="levels: {suspicious: throttle}\n        detection: {enabled: true}",
         )
         store = MemoryStore(clock=clock)
         core = _core(snapshot, store, clock)
