@@ -45,6 +45,8 @@ bench: $(STAMP) wrk redis
 	$(BIN)/python -m tests.bench.run_bench $(BENCH_ARGS)
 	$(BIN)/python -m tests.bench.bench_protect --json bench-protect.json
 	$(BIN)/python -m tests.bench.bench_pow --json bench-pow.json
+	$(BIN)/python -m tests.bench.bench_detect_a
+	$(BIN)/python -m tests.bench.bench_detect_b
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

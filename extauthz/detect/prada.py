@@ -138,7 +138,10 @@ class PradaDetector:
         max_growing: int = 512,
         max_distances: int = 2048,
         max_classes: int = 128,
+        repeat_distance: float = 1e-6,
     ) -> None:
+        """``repeat_distance``: a query this close to a member of its class is a repeat and
+        stays out of the distance stream (0 keeps the reference algorithm)."""
         if not 0.0 < delta < 1.0:
             raise ValueError("delta must be in (0, 1)")
         if check_every <= 0 or min_distances < 3:
@@ -153,6 +156,7 @@ class PradaDetector:
         self.max_growing = max_growing
         self.max_distances = max_distances
         self.max_classes = max_classes
+        self.repeat_distance = repeat_distance
 
     # -- the Detector interface -------------------------------------------------------------
 
@@ -252,6 +256,10 @@ class PradaDetector:
         members = client.members[slot]
         diff = members - x
         d_min = float(np.sqrt(np.einsum("ij,ij->i", diff, diff).min()))
+        if d_min <= self.repeat_distance:
+            # An exact repeat (a popular input, a retry) says nothing about the query
+            # distribution, and benign users repeat: keep it out of the distance stream.
+            return
         client.ring_d[client.ring_len] = d_min
         client.ring_s[client.ring_len] = slot
         client.ring_len += 1
