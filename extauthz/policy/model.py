@@ -212,6 +212,48 @@ class Limit(_Frozen):
         return self.window_s / self.rate
 
 
+class Watermark(_Frozen):
+    """Marks on this tier's answers that a clone learns (protect/watermark.py).
+
+    ``label_rate``: the keyed share of inputs whose served top-1 becomes a keyed other class
+    (DAWN); nested, so a higher rate marks a superset. ``soft``: a keyed periodic signal in every
+    probability answer (CosWM), worth ``soft_epsilon`` of probability mass.
+    """
+
+    label_rate: Annotated[float, Field(ge=0, le=0.5)] = 0.0
+    label_rate_by_level: dict[str, Annotated[float, Field(ge=0, le=0.5)]] = Field(
+        default_factory=dict
+    )
+    soft: bool = False
+    soft_epsilon: Annotated[float, Field(ge=0, le=0.5)] = 0.05
+
+    @field_validator("label_rate_by_level")
+    @classmethod
+    def _levels(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - {level.label for level in RiskLevel})
+        if unknown:
+            raise ValueError(
+                f"unknown risk level {unknown[0]!r} (expected normal, elevated, suspicious, abusive)"
+            )
+        return value
+
+    def rate_for(self, level: RiskLevel) -> float:
+        """The label-mark rate for a client at ``level``: the highest entry at or below it."""
+        rate = self.label_rate
+        for candidate in RiskLevel:
+            if candidate <= level and candidate.label in self.label_rate_by_level:
+                rate = self.label_rate_by_level[candidate.label]
+        return rate
+
+
+class Evidence(_Frozen):
+    """The evidence ledger of marked answers."""
+
+    max_records: Annotated[int, Field(ge=1)] = 1_000_000
+    retention_s: Annotated[float, Field(gt=0)] = 365 * 86_400.0
+    encrypt: bool = True
+
+
 class Tier(_Frozen):
     max_instances: Annotated[int, Field(gt=0, description="instances one request may carry")] = 64
     output: OutputPolicy = PASSTHROUGH
@@ -222,6 +264,7 @@ class Tier(_Frozen):
     )
     limits: tuple[Limit, ...] = ()
     llm: LlmRules = LlmRules()
+    watermark: Watermark = Watermark()
 
     def output_for(self, level: RiskLevel) -> tuple[OutputStep, ...]:
         """The output pipeline for a client at ``level``."""
@@ -454,6 +497,7 @@ class Policy(_Frozen):
     subnets: Subnets = Subnets()
     challenge: Challenge = Challenge()
     detection: Detection = Detection()
+    evidence: Evidence = Evidence()
 
     @field_validator("tiers")
     @classmethod
