@@ -84,6 +84,16 @@ class AdminClient:
             self._stub.SetClientLevel(request, metadata=self._metadata, timeout=self._timeout)
         )
 
+    def export_evidence(self, client_id: str = "", *, limit: int = 0) -> list[str]:
+        request = admin_pb2.ExportEvidenceRequest(client_id=client_id, limit=limit)
+        reply = self._stub.ExportEvidence(request, metadata=self._metadata, timeout=self._timeout)
+        return list(reply.lines)
+
+    def erase_evidence(self, client_id: str) -> int:
+        request = admin_pb2.EraseEvidenceRequest(client_id=client_id)
+        reply = self._stub.EraseEvidence(request, metadata=self._metadata, timeout=self._timeout)
+        return int(reply.erased)
+
     def close(self) -> None:
         self._channel.close()
 

@@ -23,7 +23,9 @@ from extauthz._proto.v1 import admin_pb2, admin_pb2_grpc
 from extauthz.challenge.gate import CaptchaRegistry, ChallengeGate
 from extauthz.core.decision import DecisionCore
 from extauthz.detect.pipeline import DetectionPipeline
+from extauthz.evidence.ledger import Cipher, Ledger, MemoryLedger, RedisLedger
 from extauthz.keys import KeyRing
+from extauthz.policy.model import Evidence
 from extauthz.policy.watch import PolicyHolder
 from extauthz.service.admin import AdminService
 from extauthz.service.authz import AuthorizationService
@@ -72,6 +74,29 @@ def create_store(settings: Settings, clock: Callable[[], float]) -> Store:
     schemes = ", ".join(REDIS_SCHEMES)
     raise ValueError(
         f"store_url: expected 'memory' or a URL starting {schemes}; got {settings.store_url!r}"
+    )
+
+
+def create_ledger(
+    store: Store, settings: Evidence, keys: KeyRing, clock: Callable[[], float]
+) -> Ledger:
+    """The evidence ledger beside the store: a Redis stream, or memory for the memory store."""
+    cipher = Cipher(keys) if settings.encrypt else None
+    from extauthz.store.redis import RedisStore
+
+    if isinstance(store, RedisStore):
+        return RedisLedger(
+            store.redis,
+            max_records=settings.max_records,
+            retention_s=settings.retention_s,
+            clock=clock,
+            cipher=cipher,
+        )
+    return MemoryLedger(
+        max_records=settings.max_records,
+        retention_s=settings.retention_s,
+        clock=clock,
+        cipher=cipher,
     )
 
 
@@ -179,6 +204,7 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
     keys = key_ring(settings)
     captchas = CaptchaRegistry()
     gate = ChallengeGate(core, keys, clock=clock, captcha=captchas.for_snapshot)
+    ledger = create_ledger(store, policy.current.policy.evidence, keys, clock)
     fingerprint_keys = keys.derive("fingerprint")
     detection = DetectionPipeline(
         store, key=fingerprint_keys.keys[fingerprint_keys.current_id], clock=clock
@@ -193,11 +219,13 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
             max_body_bytes=settings.max_message_bytes,
             noise_key=noise_key(settings),
             detection=detection,
+            watermark_keys=keys,
+            ledger=ledger,
         ),
         server,
     )
     admin_pb2_grpc.add_AdminServicer_to_server(
-        AdminService(core, token_file=settings.admin_token_file, clock=clock), server
+        AdminService(core, token_file=settings.admin_token_file, clock=clock, ledger=ledger), server
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

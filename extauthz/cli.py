@@ -105,6 +105,12 @@ def _admin(args: argparse.Namespace) -> int:
                 reply = admin.list_clients(limit=args.limit, page_token=args.page_token)
             elif args.admin_command == "reset":
                 reply = admin.reset(args.client_id)
+            elif args.admin_command == "export-evidence":
+                for line in admin.export_evidence(args.client_id or "", limit=args.limit):
+                    print(line)
+                return 0
+            elif args.admin_command == "erase-evidence":
+                reply = {"erased": admin.erase_evidence(args.client_id)}
             else:
                 level = None if args.level == "none" else args.level
                 reply = admin.set_level(
@@ -193,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--page-token", default="")
     reset = admin_commands.add_parser("reset", help="forget a client")
     reset.add_argument("client_id")
+    export = admin_commands.add_parser("export-evidence", help="print the evidence ledger as JSONL")
+    export.add_argument("--client-id", default="")
+    export.add_argument("--limit", type=int, default=0)
+    erase = admin_commands.add_parser("erase-evidence", help="erase one client's evidence records")
+    erase.add_argument("client_id")
     set_level = admin_commands.add_parser(
         "set-level", help="pin a client's risk level, or block it"
     )
@@ -212,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     solve.add_argument("rest", nargs=argparse.REMAINDER)
 
+    verify = commands.add_parser(
+        "verify",
+        help="test a suspect model for our watermarks (see extauthz verify --help)",
+        add_help=False,
+    )
+    verify.add_argument("rest", nargs=argparse.REMAINDER)
+
     demo = commands.add_parser(
         "demo", help="run model + guard + Envoy locally and send traffic through"
     )
@@ -227,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["verify"]:
+        from extauthz.evidence.cli import main as verify_main
+
+        return verify_main(argv[1:])
     if argv[:1] == ["solve"]:
         # `solve` has its own parser (extauthz.challenge.client), options included.
         from extauthz.challenge.client import main as solve_main

@@ -13,8 +13,16 @@ import numpy as np
 import orjson
 
 from extauthz.dialects.base import Dialect, ParsedRequest, ParsedResponse
+from extauthz.keys import KeyRing
 from extauthz.policy.model import OutputStep
-from extauthz.protect.perturb import NoiseContext, canonical_rows, canonical_text, protect_outputs
+from extauthz.protect.perturb import (
+    NoiseContext,
+    canonical_rows,
+    canonical_text,
+    detect_kind,
+    protect_outputs,
+)
+from extauthz.protect.watermark import LabelMarks, apply_label_marks, apply_soft_mark
 
 # Fields of an OpenAI-compatible request that make up its input (for keyed noise).
 _TEXT_FIELDS = ("messages", "prompt", "input")
@@ -30,12 +38,25 @@ class RequestKey:
 
 
 @dataclass(frozen=True, slots=True)
+class Marks:
+    """Watermarks for one answer: the soft mark's strength and the label-mark rate, the keys,
+    and the request's inputs (raw rows for the soft mark, canonical rows for the selection)."""
+
+    keys: KeyRing
+    label_rate: float
+    soft_epsilon: float
+    raw: np.ndarray | None
+    canonical: Sequence[bytes] | None
+
+
+@dataclass(frozen=True, slots=True)
 class Rewrite:
-    """A rewritten answer and what the rewrite cost it, per instance."""
+    """A rewritten answer, what the rewrite cost it per instance, and the label marks it got."""
 
     body: bytes
     l1: np.ndarray
     top1_changed: np.ndarray
+    label_marks: LabelMarks | None = None
 
 
 def quantum_of(steps: Sequence[OutputStep]) -> float:
@@ -70,25 +91,78 @@ def rewrite_response(
     key: bytes,
     client_id: str,
     request: RequestKey | None,
+    marks: Marks | None = None,
 ) -> Rewrite | None:
-    """Apply ``steps`` to the answer's outputs; ``None`` when nothing changes."""
-    if not steps or not parsed.outputs:
+    """Soft mark, then ``steps``, then label marks; ``None`` when nothing changes.
+
+    The soft mark goes first so the pipeline's rounding and noise act on the marked answer;
+    label marks go last because argmax-preserving steps would undo them.
+    """
+    if not parsed.outputs or not (steps or (marks and (marks.label_rate or marks.soft_epsilon))):
         return None
     rows = _rows(parsed)
-    canonical: Sequence[bytes] | None = None
-    if request is not None:
-        if request.rows is not None and len(request.rows) == rows:
-            canonical = request.rows  # row i answers input i: noise keyed by that input alone
-        else:
-            canonical = [request.digest + i.to_bytes(4, "big") for i in range(rows)]
-    context = NoiseContext(key=key, client_id=client_id, canonical_inputs=canonical)
-    protected = protect_outputs(
-        parsed.outputs, steps, context, embedding_names=parsed.embeddings, dtypes=parsed.dtypes
-    )
-    if protected is None:
+    outputs = dict(parsed.outputs)
+    target = _probabilities(parsed, rows)
+    original = outputs[target].reshape(rows, -1) if target else None
+    if (
+        marks
+        and target
+        and original is not None
+        and marks.soft_epsilon
+        and marks.raw is not None
+        and len(marks.raw) == rows
+    ):
+        outputs[target] = apply_soft_mark(
+            original, marks.raw, marks.keys, marks.soft_epsilon
+        ).reshape(outputs[target].shape)
+    l1 = np.zeros(rows)
+    top1_changed = np.zeros(rows, dtype=bool)
+    if steps:
+        canonical: Sequence[bytes] | None = None
+        if request is not None:
+            if request.rows is not None and len(request.rows) == rows:
+                canonical = request.rows  # row i answers input i: noise keyed by that input alone
+            else:
+                canonical = [request.digest + i.to_bytes(4, "big") for i in range(rows)]
+        context = NoiseContext(key=key, client_id=client_id, canonical_inputs=canonical)
+        protected = protect_outputs(
+            outputs, steps, context, embedding_names=parsed.embeddings, dtypes=parsed.dtypes
+        )
+        if protected is not None:
+            outputs = dict(protected.outputs)
+            l1, top1_changed = protected.l1, protected.top1_changed
+    label_marks = None
+    if (
+        marks
+        and target
+        and marks.label_rate
+        and marks.canonical is not None
+        and len(marks.canonical) == rows
+    ):
+        label_marks = apply_label_marks(
+            outputs[target].reshape(rows, -1), marks.canonical, marks.keys, marks.label_rate
+        )
+        outputs[target] = label_marks.served.reshape(outputs[target].shape)
+    if target and original is not None:
+        served = outputs[target].reshape(rows, -1)
+        l1 = np.abs(served - original).sum(axis=1)
+        top1_changed = served.argmax(axis=1) != original.argmax(axis=1)
+    if all(outputs[name] is parsed.outputs[name] for name in outputs):
         return None
-    body = dialect.serialize_response(parsed, protected.outputs)
-    return Rewrite(body, protected.l1, protected.top1_changed)
+    body = dialect.serialize_response(parsed, outputs)
+    return Rewrite(body, l1, top1_changed, label_marks)
+
+
+def _probabilities(parsed: ParsedResponse, rows: int) -> str | None:
+    """The first output holding one probability row per instance (what marks go on)."""
+    for name in sorted(parsed.outputs):
+        values = parsed.outputs[name]
+        kind = detect_kind(
+            name, values, embedding_names=parsed.embeddings, dtype=parsed.dtypes.get(name)
+        )
+        if kind == "probabilities" and values.ndim >= 1 and values.shape[0] == rows:
+            return name
+    return None
 
 
 def _rows(parsed: ParsedResponse) -> int:

@@ -7,6 +7,7 @@ token file the API refuses everything, so an unconfigured guard is never open.
 from __future__ import annotations
 
 import hmac
+import io
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -18,6 +19,7 @@ from extauthz._proto.v1 import admin_pb2, admin_pb2_grpc
 from extauthz.core.decision import DecisionCore
 from extauthz.core.identity import Identity
 from extauthz.core.risk import RiskLevel
+from extauthz.evidence.ledger import Ledger, export_jsonl
 from extauthz.store.base import ClientRecord, StoreError
 from extauthz.telemetry import metrics
 
@@ -51,9 +53,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     """Operators' view of clients. The token file is read on each call, so rotation needs no restart."""
 
     def __init__(
-        self, core: DecisionCore, *, token_file: Path | None, clock: Callable[[], float]
+        self,
+        core: DecisionCore,
+        *,
+        token_file: Path | None,
+        clock: Callable[[], float],
+        ledger: Ledger | None = None,
     ) -> None:
         self._core = core
+        self._ledger = ledger
         self._token_file = token_file
         self._clock = clock
 
@@ -138,6 +146,33 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             return self._client(record)
 
         return await self._call("SetClientLevel", context, run)
+
+    async def ExportEvidence(  # noqa: N802
+        self, request: admin_pb2.ExportEvidenceRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ExportEvidenceResponse:
+        async def run() -> admin_pb2.ExportEvidenceResponse:
+            if self._ledger is None:
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, "no evidence ledger", "invalid")
+            records = await self._ledger.read(
+                client_id=request.client_id or None, limit=request.limit or 100_000
+            )
+            out = io.StringIO()
+            export_jsonl(records, out)
+            return admin_pb2.ExportEvidenceResponse(lines=out.getvalue().splitlines())
+
+        return await self._call("ExportEvidence", context, run)
+
+    async def EraseEvidence(  # noqa: N802
+        self, request: admin_pb2.EraseEvidenceRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.EraseEvidenceResponse:
+        async def run() -> admin_pb2.EraseEvidenceResponse:
+            if self._ledger is None:
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, "no evidence ledger", "invalid")
+            erased = await self._ledger.erase(_client_id(request.client_id))
+            log.info("admin_erase_evidence", client=request.client_id, erased=erased)
+            return admin_pb2.EraseEvidenceResponse(erased=erased)
+
+        return await self._call("EraseEvidence", context, run)
 
     async def _call(
         self, method: str, context: grpc.aio.ServicerContext, run: Callable[[], Awaitable[_T]]

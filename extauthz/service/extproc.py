@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
+import orjson
 import structlog
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as proc_pb2
@@ -29,15 +31,20 @@ from extauthz.core.decision import Decision, DecisionCore
 from extauthz.core.identity import Identity, RequestInfo, identify
 from extauthz.core.limiter import ChargeMode, rate_limit_fields
 from extauthz.core.risk import Action, RiskLevel
+from extauthz.detect.features import numeric_matrix
 from extauthz.detect.pipeline import DetectionPipeline
 from extauthz.dialects import Dialect, DialectError, detect_dialect, dialect_for_route
 from extauthz.dialects.base import ParsedRequest
 from extauthz.dialects.oip_v2 import is_binary_response
 from extauthz.dialects.openai import token_usage
+from extauthz.evidence.ledger import EvidenceRecord, Ledger
+from extauthz.keys import KeyRing
 from extauthz.policy.loader import Snapshot
 from extauthz.policy.model import Route
 from extauthz.protect.llm_rules import apply_llm_rules
-from extauthz.protect.pipeline import RequestKey, quantum_of, request_key, rewrite_response
+from extauthz.protect.perturb import canonical_rows
+from extauthz.protect.pipeline import Marks, RequestKey, quantum_of, request_key, rewrite_response
+from extauthz.protect.watermark import LabelMarks
 from extauthz.service import envoy
 from extauthz.telemetry import metrics
 
@@ -53,6 +60,8 @@ _SKIP_REST = _MODE(
     response_trailer_mode=_MODE.SKIP,
 )
 _SKIP_RESPONSE_BODY = _MODE(response_body_mode=_MODE.NONE, response_trailer_mode=_MODE.SKIP)
+# The grid of canonical inputs for watermark selection; verification must use the same.
+WATERMARK_QUANTUM = 1e-3
 _INSTANCE_PHASE = {"instances": ChargeMode.CHARGE}
 _TOKEN_PHASE = {"tokens": ChargeMode.FORCE}
 _JSON_HEADERS = [("content-type", "application/json"), ("cache-control", "no-store")]
@@ -103,6 +112,8 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         max_body_bytes: int,
         noise_key: bytes,
         detection: DetectionPipeline | None = None,
+        watermark_keys: KeyRing | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         """``noise_key`` keys the noise of output policies: the same on every replica."""
         self._core = core
@@ -110,6 +121,8 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         self._noise_key = noise_key
         self._gate = gate
         self._detection = detection
+        self._watermark_keys = watermark_keys
+        self._ledger = ledger
 
     async def Process(  # noqa: N802 - the gRPC method name
         self,
@@ -325,7 +338,12 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         rewritten_body: bytes | None = None
         if parsed is not None and dialect is not None:
             state.binary = parsed.binary
-            if parsed.inputs and self._detection is not None:
+            watermarked = (
+                tier.watermark.label_rate
+                or tier.watermark.label_rate_by_level
+                or tier.watermark.soft
+            )
+            if parsed.inputs and (self._detection is not None or watermarked):
                 state.parsed_request = parsed
             steps = tier.output_for(state.level)
             if steps:
@@ -449,9 +467,12 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             and "json" in headers.get("content-type", "").lower()
             and not message.end_of_stream
         )
+        marked = self._watermark_keys is not None and (
+            tier.watermark.rate_for(state.level) > 0 or tier.watermark.soft
+        )
         state.rewrite = (
             readable
-            and bool(tier.output_for(state.level))
+            and (bool(tier.output_for(state.level)) or marked)
             and not state.binary
             and not is_binary_response(headers)
         )
@@ -480,6 +501,56 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 "response_headers", mutation=mutation, mode_override=_SKIP_RESPONSE_BODY
             )
         return envoy.continue_response("response_headers", mutation=mutation)
+
+    def _marks(self, state: _StreamState) -> Marks | None:
+        """The watermarks this answer gets, from the tier and the client's level."""
+        if self._watermark_keys is None or state.snapshot is None or state.identity is None:
+            return None
+        settings = state.snapshot.policy.tier(state.identity.tier).watermark
+        rate = settings.rate_for(state.level)
+        if not rate and not settings.soft:
+            return None
+        request = state.parsed_request
+        raw = (
+            numeric_matrix(request.inputs, request.instances)
+            if request and request.inputs
+            else None
+        )
+        canonical = canonical_rows(raw, quantum=WATERMARK_QUANTUM) if raw is not None else None
+        return Marks(
+            keys=self._watermark_keys,
+            label_rate=rate,
+            soft_epsilon=settings.soft_epsilon if settings.soft else 0.0,
+            raw=None if raw is None else raw.astype(np.float64),
+            canonical=canonical,
+        )
+
+    async def _record_evidence(self, state: _StreamState, marks: LabelMarks) -> None:
+        """Put every label-marked answer in the ledger: who, which key, what input, what label."""
+        if self._ledger is None or state.identity is None or state.parsed_request is None:
+            return
+        raw = numeric_matrix(state.parsed_request.inputs, state.parsed_request.instances)
+        if raw is None:
+            return
+        now = time.time()
+        records = [
+            EvidenceRecord(
+                state.identity.client_id,
+                marks.kid,
+                now,
+                orjson.dumps(raw[i].tolist()),
+                int(marks.targets[i]),
+            )
+            for i in np.flatnonzero(marks.marked)
+        ]
+        if not records:
+            return
+        try:
+            await self._ledger.append(records)
+            metrics.EVIDENCE.inc(len(records))
+        except Exception as exc:  # evidence must never cost the client its answer
+            metrics.ERRORS.labels("ledger_unavailable").inc()
+            log.warning("ledger_append_failed", error=str(exc)[:200])
 
     async def _charge_tokens(self, doc: object, state: _StreamState) -> None:
         """Charge the answer's token usage after it is served; the next request sees the debt."""
@@ -530,6 +601,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 key=self._noise_key,
                 client_id=state.identity.client_id,
                 request=state.request_key,
+                marks=self._marks(state),
             )
         except (TypeError, ValueError) as exc:  # e.g. an answer nested deeper than orjson writes
             metrics.ERRORS.labels("response_rewrite_failed").inc()
@@ -539,6 +611,8 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             return envoy.continue_response("response_body")
         if rewrite_result is None:
             return envoy.continue_response("response_body")
+        if rewrite_result.label_marks is not None:
+            await self._record_evidence(state, rewrite_result.label_marks)
         new_body = rewrite_result.body
         policy_label = "+".join(step.policy for step in tier_steps)
         metrics.BODY_REWRITES.labels(state.dialect.name, policy_label).inc()

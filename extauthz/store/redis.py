@@ -397,6 +397,11 @@ class RedisStore:
             helpers=helpers,
         )
 
+    @property
+    def redis(self) -> Any:
+        """The underlying redis.asyncio client (the evidence ledger writes its stream with it)."""
+        return self._client
+
     def key(self, client_id: str, kind: str = "state") -> str:
         """Return the Redis key of the client's ``kind`` of state, in the client's slot.
 

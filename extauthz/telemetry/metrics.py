@@ -64,6 +64,11 @@ LEVEL_CHANGES = Counter(
     ["level"],
     registry=REGISTRY,
 )
+EVIDENCE = Counter(
+    "extauthz_evidence_records",
+    "Label-marked answers written to the evidence ledger.",
+    registry=REGISTRY,
+)
 BODY_REWRITES = Counter(
     "extauthz_body_rewrites",
     "Model responses rewritten by an output policy, by dialect and policy.",

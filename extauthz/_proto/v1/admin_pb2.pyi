@@ -6,6 +6,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ExportEvidenceRequest(_message.Message):
+    __slots__ = ("client_id", "limit")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    limit: int
+    def __init__(self, client_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ExportEvidenceResponse(_message.Message):
+    __slots__ = ("lines",)
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    lines: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lines: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EraseEvidenceRequest(_message.Message):
+    __slots__ = ("client_id",)
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+
+class EraseEvidenceResponse(_message.Message):
+    __slots__ = ("erased",)
+    ERASED_FIELD_NUMBER: _ClassVar[int]
+    erased: int
+    def __init__(self, erased: _Optional[int] = ...) -> None: ...
+
 class Client(_message.Message):
     __slots__ = ("client_id", "tier", "pinned_level", "blocked", "reason", "first_seen", "last_seen", "requests", "instances", "effective_level", "action", "risk", "detected_level", "risk_reasons", "timeline")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,16 @@ class AdminStub:
                 request_serializer=extauthz_dot___proto_dot_v1_dot_admin__pb2.SetClientLevelRequest.SerializeToString,
                 response_deserializer=extauthz_dot___proto_dot_v1_dot_admin__pb2.Client.FromString,
                 _registered_method=True)
+        self.ExportEvidence = channel.unary_unary(
+                '/extauthz.v1.Admin/ExportEvidence',
+                request_serializer=extauthz_dot___proto_dot_v1_dot_admin__pb2.ExportEvidenceRequest.SerializeToString,
+                response_deserializer=extauthz_dot___proto_dot_v1_dot_admin__pb2.ExportEvidenceResponse.FromString,
+                _registered_method=True)
+        self.EraseEvidence = channel.unary_unary(
+                '/extauthz.v1.Admin/EraseEvidence',
+                request_serializer=extauthz_dot___proto_dot_v1_dot_admin__pb2.EraseEvidenceRequest.SerializeToString,
+                response_deserializer=extauthz_dot___proto_dot_v1_dot_admin__pb2.EraseEvidenceResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -87,6 +97,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportEvidence(self, request, context):
+        """Export the evidence ledger (marked answers) as JSONL lines, optionally one client's only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseEvidence(self, request, context):
+        """Erase one client's evidence records (a data-protection request).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +133,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetClientLevel,
                     request_deserializer=extauthz_dot___proto_dot_v1_dot_admin__pb2.SetClientLevelRequest.FromString,
                     response_serializer=extauthz_dot___proto_dot_v1_dot_admin__pb2.Client.SerializeToString,
+            ),
+            'ExportEvidence': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportEvidence,
+                    request_deserializer=extauthz_dot___proto_dot_v1_dot_admin__pb2.ExportEvidenceRequest.FromString,
+                    response_serializer=extauthz_dot___proto_dot_v1_dot_admin__pb2.ExportEvidenceResponse.SerializeToString,
+            ),
+            'EraseEvidence': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseEvidence,
+                    request_deserializer=extauthz_dot___proto_dot_v1_dot_admin__pb2.EraseEvidenceRequest.FromString,
+                    response_serializer=extauthz_dot___proto_dot_v1_dot_admin__pb2.EraseEvidenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +253,60 @@ class Admin:
             '/extauthz.v1.Admin/SetClientLevel',
             extauthz_dot___proto_dot_v1_dot_admin__pb2.SetClientLevelRequest.SerializeToString,
             extauthz_dot___proto_dot_v1_dot_admin__pb2.Client.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/extauthz.v1.Admin/ExportEvidence',
+            extauthz_dot___proto_dot_v1_dot_admin__pb2.ExportEvidenceRequest.SerializeToString,
+            extauthz_dot___proto_dot_v1_dot_admin__pb2.ExportEvidenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/extauthz.v1.Admin/EraseEvidence',
+            extauthz_dot___proto_dot_v1_dot_admin__pb2.EraseEvidenceRequest.SerializeToString,
+            extauthz_dot___proto_dot_v1_dot_admin__pb2.EraseEvidenceResponse.FromString,
             options,
             channel_credentials,
             insecure,
