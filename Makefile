@@ -47,6 +47,7 @@ bench: $(STAMP) wrk redis
 	$(BIN)/python -m tests.bench.bench_pow --json bench-pow.json
 	$(BIN)/python -m tests.bench.bench_detect_a
 	$(BIN)/python -m tests.bench.bench_detect_b
+	$(BIN)/python -m tests.bench.power_curve
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
