@@ -1,9 +1,14 @@
 """Envoy's ext_proc Process: the per-request stream state machine.
 
-request_headers  -> identity, route, and (without a Check verdict in metadata) the full decision
-request_body     -> parse model inputs by dialect, count instances, charge them
-response_headers -> decide whether the answer needs a rewrite; skip its body otherwise
-response_body    -> apply the tier's output policy, re-serialize with a correct content-length
+request_headers  -> identity, route, and (without a Check verdict in metadata) the full decision,
+                    challenges included (single hop)
+request_body     -> parse model inputs by dialect, apply LLM request rules, count instances,
+                    charge them to the limits and to the client's pass
+response_headers -> RateLimit fields and a granted pass for the client; skip the body when
+                    nothing needs it
+response_body    -> charge tokens, hand the answer to the detectors, apply the output pipeline
+                    and the watermarks, record marked answers, re-serialize with a correct
+                    content-length
 
 Streams the guard does not understand (unknown paths, out-of-order or duplicated messages) pass
 through; on a protected route a body the guard cannot read is refused or charged by policy.
