@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     solve.add_argument("rest", nargs=argparse.REMAINDER)
 
+    redteam = commands.add_parser(
+        "redteam",
+        help="attack a model endpoint and report what a thief gets (see extauthz redteam --help)",
+        add_help=False,
+    )
+    redteam.add_argument("rest", nargs=argparse.REMAINDER)
     verify = commands.add_parser(
         "verify",
         help="test a suspect model for our watermarks (see extauthz verify --help)",
@@ -245,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["redteam"]:
+        from extauthz.redteam.cli import main as redteam_main
+
+        return redteam_main(argv[1:])
     if argv[:1] == ["verify"]:
         from extauthz.evidence.cli import main as verify_main
 
