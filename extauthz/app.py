@@ -221,6 +221,7 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
             detection=detection,
             watermark_keys=keys,
             ledger=ledger,
+            clock=clock,
         ),
         server,
     )

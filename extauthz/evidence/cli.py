@@ -28,10 +28,8 @@ from extauthz.evidence.verify import (
     verify_soft_mark,
 )
 from extauthz.keys import KeyRing
-from extauthz.protect.perturb import canonical_rows
-from extauthz.protect.watermark import marked_label
+from extauthz.protect.watermark import marked_label, watermark_rows
 
-WATERMARK_QUANTUM = 1e-3  # the guard's canonical grid for watermark selection (service/extproc.py)
 VERDICT_P = 1e-6
 
 
@@ -72,7 +70,7 @@ def label_evidence(
     inputs = np.asarray([json.loads(r.input) for r in records], dtype=np.float64)
     kid = records[0].kid
     classes = suspect.shape[1]
-    canonical = canonical_rows(inputs, quantum=WATERMARK_QUANTUM)
+    canonical = watermark_rows(inputs)
     targets = np.asarray([r.served_label for r in records], dtype=np.int64)
     offsets = marked_label(
         keys, canonical, classes, np.zeros(len(records), dtype=np.int64), kid=kid

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from extauthz.keys import KeyRing
-from extauthz.protect.perturb import restore_argmax
+from extauthz.protect.perturb import canonical_rows, restore_argmax
 
 __all__ = [
     "LabelMarks",
@@ -58,6 +58,8 @@ _SOFT: Final = "watermark/soft"
 #: suits inputs whose projections spread over a few units (the demo digits: std ~3 on 0..16
 #: features): under one period per data span, smooth enough for a distilled clone to learn.
 SOFT_FREQUENCY_BAND: Final = (0.2, 0.35)
+# The grid inputs are quantized to before selection: serving and verification must agree on it.
+CANONICAL_QUANTUM: Final = 1e-3
 _TWO64: Final = float(2**64)
 
 
@@ -227,3 +229,8 @@ def apply_soft_mark(
     # The recalled CosWM form sums to (1 + signal) / (1 + 2 eps), not 1: renormalise the row.
     served /= served.sum(axis=1, keepdims=True)
     return restore_argmax(probs, served)
+
+
+def watermark_rows(inputs: npt.ArrayLike) -> list[bytes]:
+    """The canonical bytes of each input row that mark selection and labels are keyed on."""
+    return canonical_rows(np.asarray(inputs, dtype=np.float64), quantum=CANONICAL_QUANTUM)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -47,9 +47,8 @@ from extauthz.keys import KeyRing
 from extauthz.policy.loader import Snapshot
 from extauthz.policy.model import Route
 from extauthz.protect.llm_rules import apply_llm_rules
-from extauthz.protect.perturb import canonical_rows
 from extauthz.protect.pipeline import Marks, RequestKey, quantum_of, request_key, rewrite_response
-from extauthz.protect.watermark import LabelMarks
+from extauthz.protect.watermark import LabelMarks, watermark_rows
 from extauthz.service import envoy
 from extauthz.telemetry import metrics
 
@@ -65,8 +64,6 @@ _SKIP_REST = _MODE(
     response_trailer_mode=_MODE.SKIP,
 )
 _SKIP_RESPONSE_BODY = _MODE(response_body_mode=_MODE.NONE, response_trailer_mode=_MODE.SKIP)
-# The grid of canonical inputs for watermark selection; verification must use the same.
-WATERMARK_QUANTUM = 1e-3
 _INSTANCE_PHASE = {"instances": ChargeMode.CHARGE}
 _TOKEN_PHASE = {"tokens": ChargeMode.FORCE}
 _JSON_HEADERS = [("content-type", "application/json"), ("cache-control", "no-store")]
@@ -119,6 +116,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         detection: DetectionPipeline | None = None,
         watermark_keys: KeyRing | None = None,
         ledger: Ledger | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``noise_key`` keys the noise of output policies: the same on every replica."""
         self._core = core
@@ -128,6 +126,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         self._detection = detection
         self._watermark_keys = watermark_keys
         self._ledger = ledger
+        self._clock = clock
 
     async def Process(  # noqa: N802 - the gRPC method name
         self,
@@ -521,32 +520,29 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             if request and request.inputs
             else None
         )
-        canonical = canonical_rows(raw, quantum=WATERMARK_QUANTUM) if raw is not None else None
         return Marks(
             keys=self._watermark_keys,
             label_rate=rate,
             soft_epsilon=settings.soft_epsilon if settings.soft else 0.0,
             raw=None if raw is None else raw.astype(np.float64),
-            canonical=canonical,
+            canonical=watermark_rows(raw) if raw is not None else None,
         )
 
-    async def _record_evidence(self, state: _StreamState, marks: LabelMarks) -> None:
+    async def _record_evidence(self, state: _StreamState, marks: Marks, labels: LabelMarks) -> None:
         """Put every label-marked answer in the ledger: who, which key, what input, what label."""
-        if self._ledger is None or state.identity is None or state.parsed_request is None:
+        raw = marks.raw
+        if self._ledger is None or state.identity is None or raw is None:
             return
-        raw = numeric_matrix(state.parsed_request.inputs, state.parsed_request.instances)
-        if raw is None:
-            return
-        now = time.time()
+        now = self._clock()
         records = [
             EvidenceRecord(
                 state.identity.client_id,
-                marks.kid,
+                labels.kid,
                 now,
                 orjson.dumps(raw[i].tolist()),
-                int(marks.targets[i]),
+                int(labels.targets[i]),
             )
-            for i in np.flatnonzero(marks.marked)
+            for i in np.flatnonzero(labels.marked)
         ]
         if not records:
             return
@@ -598,6 +594,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             self._detection.submit(state.identity, state.parsed_request, parsed, state.snapshot)
         if not rewrite:
             return envoy.continue_response("response_body")
+        marks = self._marks(state)
         try:
             rewrite_result = rewrite_response(
                 state.dialect,
@@ -606,7 +603,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 key=self._noise_key,
                 client_id=state.identity.client_id,
                 request=state.request_key,
-                marks=self._marks(state),
+                marks=marks,
             )
         except (TypeError, ValueError) as exc:  # e.g. an answer nested deeper than orjson writes
             metrics.ERRORS.labels("response_rewrite_failed").inc()
@@ -616,8 +613,8 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             return envoy.continue_response("response_body")
         if rewrite_result is None:
             return envoy.continue_response("response_body")
-        if rewrite_result.label_marks is not None:
-            await self._record_evidence(state, rewrite_result.label_marks)
+        if rewrite_result.label_marks is not None and marks is not None:
+            await self._record_evidence(state, marks, rewrite_result.label_marks)
         new_body = rewrite_result.body
         policy_label = "+".join(step.policy for step in tier_steps)
         metrics.BODY_REWRITES.labels(state.dialect.name, policy_label).inc()

@@ -30,12 +30,17 @@ from extauthz.evidence.verify import (
 )
 from extauthz.keys import KeyRing
 from extauthz.protect.perturb import canonical_rows
-from extauthz.protect.watermark import MarkSettings, apply_label_marks, apply_soft_mark
+from extauthz.protect.watermark import (
+    CANONICAL_QUANTUM,
+    MarkSettings,
+    apply_label_marks,
+    apply_soft_mark,
+)
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-QUANTUM = 1e-3
+QUANTUM = CANONICAL_QUANTUM
 SIZES = (250, 500, 1000, 2000, 4000)
 KEYS = KeyRing.single(b"power-curve-deployment-key-0123", "wm1")
 SETTINGS = MarkSettings(label_rate=0.005)

@@ -8,6 +8,7 @@ import pytest
 from extauthz.keys import KeyRing
 from extauthz.protect.perturb import canonical_rows
 from extauthz.protect.watermark import (
+    CANONICAL_QUANTUM,
     MarkSettings,
     apply_label_marks,
     apply_soft_mark,
@@ -17,7 +18,7 @@ from extauthz.protect.watermark import (
 )
 
 KEYS = KeyRing.single(b"unit-watermark-key-0123456789ab", "wm1")
-QUANTUM = 1e-3
+QUANTUM = CANONICAL_QUANTUM
 
 
 def _inputs(n: int, seed: int = 0) -> np.ndarray:
