@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 
-.PHONY: demo test test-unit test-integration test-e2e bench proto proto-check lint redis wrk browser clean
+.PHONY: demo test test-unit test-integration test-e2e bench redteam proto proto-check lint redis wrk browser clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ wrk:
 	@command -v wrk >/dev/null 2>&1 || { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq wrk; }
 
 demo: $(STAMP)
-	$(BIN)/python -m extauthz demo $(if $(KEEP),--keep)
+	$(BIN)/python -m extauthz demo $(if $(KEEP),--keep) $(if $(SEED),--seed $(SEED)) $(if $(BUDGET),--budget $(BUDGET))
 
 # The suite, then the lint that keeps the package strictly typed (ruff + mypy strict).
 test: $(STAMP) redis browser
@@ -48,6 +48,10 @@ bench: $(STAMP) wrk redis
 	$(BIN)/python -m tests.bench.bench_detect_a
 	$(BIN)/python -m tests.bench.bench_detect_b
 	$(BIN)/python -m tests.bench.power_curve
+
+# Issue 8's acceptance: every attack at 2,000 instances with and without the guard (about 5 min).
+redteam: $(STAMP)
+	$(BIN)/python -m tests.bench.redteam_acceptance $(if $(SEED),--seed $(SEED))
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

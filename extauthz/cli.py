@@ -126,7 +126,13 @@ def _admin(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from extauthz.demo.run import run_demo
 
-    return run_demo(keep=args.keep, workdir=Path(args.workdir) if args.workdir else None)
+    return run_demo(
+        keep=args.keep,
+        workdir=Path(args.workdir) if args.workdir else None,
+        budget=args.budget,
+        seed=args.seed,
+        report_dir=Path(args.report_dir) if args.report_dir else None,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--workdir", help="where logs and configs go (default: a temporary directory)"
+    )
+    demo.add_argument(
+        "--budget", type=int, default=600, help="red-team instances per attack (default 600)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="the red team's seed (default 0)")
+    demo.add_argument(
+        "--report-dir", help="where redteam-report.html/.json go (default: the current directory)"
     )
     demo.set_defaults(func=_demo)
     return parser

@@ -92,6 +92,10 @@ class LocalStack:
             raise
         return proc
 
+    def add_guard_args(self, args: Sequence[str]) -> None:
+        """Pass more flags to the guard from its next start on."""
+        self._guard_args.extend(args)
+
     def start_guard(self) -> stack.Process:
         """(Re)start the guard alone, e.g. after a test stopped it."""
         args = [

@@ -1,15 +1,30 @@
-"""Serve a small real classifier over KServe v1 and Open Inference v2, and a toy LLM over OpenAI.
+"""Serve small real classifiers over KServe v1 and Open Inference v2, and a toy LLM over OpenAI.
 
 The guard needs a model worth stealing to show what it does: this module trains a small MLP on
 scikit-learn's bundled digits (8x8 images, 64 features in 0..16, 10 classes) in well under a
 second and serves it with aiohttp on 127.0.0.1:8081, the upstream of the reference Envoy config.
 ``make demo``, the end-to-end tests and the red team all talk to it.
 
-Beside it, ``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings`` answer in
+A second victim, a multinomial logistic regression on the same split (:class:`LinearModel`),
+answers KServe v1 at ``/v1/models/{name}-linear:predict`` (``digits-linear`` by default) with
+full-precision softmax probabilities: the victim of the equation-solving attack of Tramèr et al.
+(2016), which recovers a logistic model's weights from that many exact answers.
+
+Beside them, ``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings`` answer in
 OpenAI's shapes from a deterministic toy, so token quotas can be shown and tested without a real
 LLM: a reply is the words of the prompt (the last user message) in reverse order, capped at
 ``max_tokens``; a token is a whitespace-separated word; an embedding is a unit vector seeded by a
 hash of the text. It is honest about being a toy: nothing is learned and nothing streams.
+
+Chat completions also answer ``logprobs: true`` with ``top_logprobs`` (0..20) and honour
+``logit_bias``, so the red team can run the logprob / logit_bias probe of Carlini et al. (2024).
+The toy has a public word vocabulary of ``TOY_VOCAB_SIZE`` tokens (:func:`toy_vocabulary`; token
+id = index, id 0 is ``<unk>``), a fixed seeded output projection ``W`` (V x ``TOY_HIDDEN_DIM``)
+and, per (prompt, position), a hidden state seeded by a hash of the prompt:
+``logits = W @ hidden`` (:func:`toy_logits`) and ``logprobs = log_softmax(logits + bias)``. The
+generated token at a position is the reply word (an out-of-vocabulary word is scored as
+``<unk>``): the toy's text does not sample from its distribution; the distribution, not the
+text, is what the probe reads.
 
 Run it with ``python -m extauthz.demo.model [--host H] [--port P] [--name NAME] [--seed S]``.
 It prints one line when ready and serves until SIGTERM or SIGINT.
@@ -22,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import itertools
 import json
@@ -30,7 +46,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -45,13 +61,20 @@ __all__ = [
     "DEFAULT_NAME",
     "DEFAULT_PORT",
     "EMBEDDING_DIM",
+    "LINEAR_SUFFIX",
     "LLM_NAME",
     "MAX_BODY_BYTES",
+    "MAX_LOGIT_BIAS",
     "MAX_N",
+    "MAX_TOP_LOGPROBS",
     "N_CLASSES",
     "N_FEATURES",
+    "TOY_HIDDEN_DIM",
+    "TOY_VOCAB_SIZE",
+    "UNK_TOKEN",
     "BadInput",
     "DemoModel",
+    "LinearModel",
     "V2Request",
     "build_app",
     "chat_completion",
@@ -66,12 +89,18 @@ __all__ = [
     "parse_v2",
     "start",
     "text_completion",
+    "token_id",
+    "toy_logits",
+    "toy_logprobs",
+    "toy_vocabulary",
     "v2_outputs",
 ]
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8081
 DEFAULT_NAME: Final = "digits"
+#: The logistic victim is served as ``{name}{LINEAR_SUFFIX}`` beside the MLP (``digits-linear``).
+LINEAR_SUFFIX: Final = "-linear"
 # aiohttp refuses bodies above 1 MiB by default; extraction-sized batches (20,000 rows) are ~2 MB.
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 
@@ -99,6 +128,16 @@ EMBEDDING_DIM: Final = 16
 STREAMING_REFUSED: Final = "streaming is not supported by the demo model"
 #: The model name the toy LLM answers with when a request names none.
 LLM_NAME: Final = "extauthz-demo-llm"
+# The toy LLM's distribution: vocabulary size, hidden width, seed of the output projection, and
+# the scale of the hidden state (logits come out with a standard deviation of about 3).
+TOY_VOCAB_SIZE: Final = 512
+TOY_HIDDEN_DIM: Final = 16
+TOY_SEED: Final = 1729
+HIDDEN_SCALE: Final = 3.0 / math.sqrt(TOY_HIDDEN_DIM)
+UNK_TOKEN: Final = "<unk>"
+#: OpenAI's limits: ``top_logprobs`` in 0..20, ``logit_bias`` values in [-100, 100].
+MAX_TOP_LOGPROBS: Final = 20
+MAX_LOGIT_BIAS: Final = 100.0
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -148,11 +187,43 @@ def check_instances(x: npt.ArrayLike) -> FloatArray:
     return batch
 
 
-@dataclass(frozen=True, slots=True)
-class DemoModel:
-    """A digits MLP trained at start, with its accuracy on the held-out split."""
+def _fit(classifier: Any, seed: int) -> float:
+    """Fit an sklearn classifier on the split of ``seed`` (pixels / 16); return held-out accuracy.
 
-    # An sklearn MLPClassifier; sklearn ships no type stubs.
+    One BLAS thread: on a small, busy machine a threaded BLAS oversubscribes the cores and a
+    0.03 s fit takes seconds; one thread also gives the same bits however many cores there are.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
+
+    x_train, x_test, y_train, y_test = load_data(seed)
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
+        # The MLP's 300 epochs stop short of sklearn's tolerance but well past 0.95 accuracy.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        classifier.fit(x_train / FEATURE_MAX, y_train)
+    predicted = np.asarray(classifier.predict(x_test / FEATURE_MAX))
+    return float(np.mean(predicted == y_test))
+
+
+def _predict_proba(classifier: Any, x: npt.ArrayLike) -> FloatArray:
+    """Return ``classifier``'s probabilities ``(N, 10)`` for a raw-pixel batch ``(N, 64)``."""
+    batch = check_instances(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        proba = np.asarray(classifier.predict_proba(batch / FEATURE_MAX), dtype=np.float64)
+    if not np.isfinite(proba).all():
+        raise BadInput("input values too large for the model")
+    return proba
+
+
+@dataclass(frozen=True, slots=True)
+class LinearModel:
+    """A multinomial logistic regression on the digits: softmax(W x / 16 + b), exact on the wire.
+
+    The victim of equation-solving extraction (Tramèr et al. 2016): each full-precision answer
+    gives 9 linear equations in the 650 unknowns of ``W`` and ``b``.
+    """
+
+    # An sklearn LogisticRegression (lbfgs, multinomial); sklearn ships no type stubs.
     classifier: Any
     accuracy: float
     seed: int = 0
@@ -161,28 +232,55 @@ class DemoModel:
     n_classes: ClassVar[int] = N_CLASSES
 
     @classmethod
+    def train(cls, seed: int = 0) -> LinearModel:
+        """Train on the digits split of ``seed``, like :class:`DemoModel` (about 0.03 s)."""
+        from sklearn.linear_model import LogisticRegression
+
+        classifier = LogisticRegression(solver="lbfgs", max_iter=1000, random_state=seed)
+        return cls(classifier=classifier, accuracy=_fit(classifier, seed), seed=seed)
+
+    def logits(self, x: npt.ArrayLike) -> FloatArray:
+        """Return the class scores ``W x / 16 + b`` ``(N, 10)``: the truth an attack recovers."""
+        batch = check_instances(x)
+        return np.asarray(self.classifier.decision_function(batch / FEATURE_MAX), dtype=np.float64)
+
+    def predict_proba(self, x: npt.ArrayLike) -> FloatArray:
+        """Return the softmax of :meth:`logits` ``(N, 10)`` for a batch ``(N, 64)``."""
+        return _predict_proba(self.classifier, x)
+
+
+@dataclass(frozen=True, slots=True)
+class DemoModel:
+    """A digits MLP trained at start, with its accuracy on the held-out split.
+
+    ``linear`` is the logistic victim served beside it (None: serve the MLP alone).
+    """
+
+    # An sklearn MLPClassifier; sklearn ships no type stubs.
+    classifier: Any
+    accuracy: float
+    seed: int = 0
+    linear: LinearModel | None = None
+
+    n_features: ClassVar[int] = N_FEATURES
+    n_classes: ClassVar[int] = N_CLASSES
+
+    @classmethod
     def train(cls, seed: int = 0) -> DemoModel:
-        """Train on the digits split of ``seed``; score on its held-out part (< 1 s, 2 cores)."""
-        from sklearn.exceptions import ConvergenceWarning
+        """Train the MLP and the logistic victim on the digits split of ``seed`` (< 1 s)."""
         from sklearn.neural_network import MLPClassifier
 
-        x_train, x_test, y_train, y_test = load_data(seed)
         classifier = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=seed)
-        with warnings.catch_warnings():
-            # 300 epochs stop short of sklearn's tolerance but well past 0.95 accuracy.
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            classifier.fit(x_train / FEATURE_MAX, y_train)
-        predicted = np.asarray(classifier.predict(x_test / FEATURE_MAX))
-        return cls(classifier=classifier, accuracy=float(np.mean(predicted == y_test)), seed=seed)
+        return cls(
+            classifier=classifier,
+            accuracy=_fit(classifier, seed),
+            seed=seed,
+            linear=LinearModel.train(seed),
+        )
 
     def predict_proba(self, x: npt.ArrayLike) -> FloatArray:
         """Return class probabilities ``(N, 10)`` for a batch ``(N, 64)`` in one vectorized call."""
-        batch = check_instances(x)
-        with np.errstate(over="ignore", invalid="ignore"):
-            proba = np.asarray(self.classifier.predict_proba(batch / FEATURE_MAX), dtype=np.float64)
-        if not np.isfinite(proba).all():
-            raise BadInput("input values too large for the model")
-        return proba
+        return _predict_proba(self.classifier, x)
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,14 +409,180 @@ def count_tokens(text: str) -> int:
     return len(text.split())
 
 
-def _reply(prompt: str, max_tokens: int) -> tuple[str, int, str]:
-    """Return the reply to ``prompt``, its token count and its finish reason.
-
-    The reply is the prompt's words reversed; ``length`` says ``max_tokens`` cut it short.
-    """
+def _reply_words(prompt: str, max_tokens: int) -> tuple[list[str], str]:
+    """Return the reply's words (the prompt's words reversed, at most ``max_tokens``) and its
+    finish reason; ``length`` says ``max_tokens`` cut it short."""
     words = prompt.split()[::-1]
     finish = "length" if len(words) > max_tokens else "stop"
-    return " ".join(words[:max_tokens]), min(len(words), max_tokens), finish
+    return words[:max_tokens], finish
+
+
+def _reply(prompt: str, max_tokens: int) -> tuple[str, int, str]:
+    """Return the reply to ``prompt``, its token count and its finish reason."""
+    words, finish = _reply_words(prompt, max_tokens)
+    return " ".join(words), len(words), finish
+
+
+def _text_seed(text: str) -> int:
+    """Return a 64-bit seed from SHA-256 of ``text``.
+
+    SHA-256 rather than ``hash()``: Python salts string hashes per process, and the toy must
+    answer the same in every process and run. ``surrogatepass``: JSON may carry lone surrogates.
+    """
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _utf8(token: str) -> list[int]:
+    return list(token.encode("utf-8", "surrogatepass"))
+
+
+@functools.cache
+def toy_vocabulary() -> tuple[str, ...]:
+    """Return the toy LLM's public vocabulary: token id ``i`` is ``toy_vocabulary()[i]``.
+
+    Id 0 is ``<unk>``; the others are two-syllable words (``baba``, ``babe``...), fixed for
+    ever, so a client maps the token strings of ``top_logprobs`` back to the ids that
+    ``logit_bias`` takes.
+    """
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    words = ("".join(pair) for pair in itertools.product(syllables, repeat=2))
+    return (UNK_TOKEN, *itertools.islice(words, TOY_VOCAB_SIZE - 1))
+
+
+@functools.cache
+def _token_ids() -> Mapping[str, int]:
+    return {token: i for i, token in enumerate(toy_vocabulary())}
+
+
+def token_id(word: str) -> int:
+    """Return the id of ``word`` in the toy vocabulary; 0 (``<unk>``) for any other word."""
+    return _token_ids().get(word, 0)
+
+
+@functools.cache
+def _projection() -> FloatArray:
+    """Return the toy's output projection ``W`` (V x h), standard normal from ``TOY_SEED``."""
+    w = np.random.default_rng(TOY_SEED).standard_normal((TOY_VOCAB_SIZE, TOY_HIDDEN_DIM))
+    w.setflags(write=False)
+    return w
+
+
+def _logit_rows(prompt: str, positions: int) -> FloatArray:
+    """Return the logits ``(positions, V)`` of positions 0.. of the reply to ``prompt``."""
+    seed = _text_seed(prompt)
+    hidden = np.asarray(
+        [
+            np.random.default_rng([seed, position]).standard_normal(TOY_HIDDEN_DIM)
+            for position in range(positions)
+        ],
+        dtype=np.float64,
+    ).reshape(positions, TOY_HIDDEN_DIM)
+    rows: FloatArray = (HIDDEN_SCALE * hidden) @ _projection().T
+    return rows
+
+
+def _log_softmax(logits: FloatArray) -> FloatArray:
+    """Return ``logits - logsumexp(logits)`` along the last axis, stably."""
+    top = logits.max(axis=-1, keepdims=True)
+    shifted = logits - top
+    result: FloatArray = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return result
+
+
+def toy_logits(prompt: str, position: int) -> FloatArray:
+    """Return the toy LLM's logits ``(V,)`` at reply ``position`` for ``prompt``: ``W @ hidden``.
+
+    ``prompt`` is the last user message; earlier messages do not change the hidden state.
+    """
+    if position < 0:
+        raise ValueError(f"position must be >= 0, got {position}")
+    row: FloatArray = _logit_rows(prompt, position + 1)[position].copy()
+    return row
+
+
+def toy_logprobs(prompt: str, position: int, bias: Mapping[int, float] | None = None) -> FloatArray:
+    """Return ``log_softmax(toy_logits(prompt, position) + bias)`` ``(V,)``: what chat answers."""
+    logits = toy_logits(prompt, position)
+    for token, value in (bias or {}).items():
+        logits[token] += value
+    return _log_softmax(logits)
+
+
+def _logit_bias(value: object) -> FloatArray:
+    """Return the bias vector ``(V,)`` of a ``logit_bias`` object, or raise BadInput."""
+    bias = np.zeros(TOY_VOCAB_SIZE, dtype=np.float64)
+    if value is None:
+        return bias
+    if not isinstance(value, dict):
+        raise BadInput('"logit_bias" must be an object mapping token ids to biases')
+    for key, amount in value.items():
+        # isdecimal alone accepts other scripts' digits; the length check keeps int() cheap.
+        if not (isinstance(key, str) and key.isascii() and key.isdecimal() and len(key) <= 6):
+            raise BadInput(f"logit_bias key {key!r} is not a token id")
+        if int(key) >= TOY_VOCAB_SIZE:
+            raise BadInput(
+                f"logit_bias key {key!r} is not a token id from 0 to {TOY_VOCAB_SIZE - 1}"
+            )
+        if (
+            isinstance(amount, bool)
+            or not isinstance(amount, int | float)
+            or not -MAX_LOGIT_BIAS <= amount <= MAX_LOGIT_BIAS
+        ):
+            raise BadInput(
+                f"logit_bias[{key!r}] must be a number from {-MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}"
+            )
+        bias[int(key)] = float(amount)
+    return bias
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # an array field: no elementwise ==
+class _LogprobRequest:
+    """What a chat request asks of the toy's distribution."""
+
+    logprobs: bool
+    top: int
+    bias: FloatArray
+
+
+def _logprob_request(request: dict[str, Any]) -> _LogprobRequest:
+    """Read ``logprobs``, ``top_logprobs`` and ``logit_bias`` as OpenAI does, or raise BadInput."""
+    logprobs = request.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise BadInput('"logprobs" must be a boolean')
+    if request.get("top_logprobs") is not None and logprobs is not True:
+        raise BadInput('"logprobs" must be set to true when "top_logprobs" is used')
+    top = _int_field(request, "top_logprobs", default=0, low=0, high=MAX_TOP_LOGPROBS)
+    return _LogprobRequest(bool(logprobs), top, _logit_bias(request.get("logit_bias")))
+
+
+def _logprobs_content(
+    prompt: str, words: Sequence[str], asked: _LogprobRequest
+) -> list[dict[str, Any]]:
+    """Return OpenAI's ``logprobs.content``: one entry per reply word, with its top tokens."""
+    if not words:
+        return []
+    logprobs = _log_softmax(_logit_rows(prompt, len(words)) + asked.bias)
+    chosen = logprobs[np.arange(len(words)), [token_id(word) for word in words]]
+    # Highest first; a stable sort breaks ties by token id.
+    top = np.argsort(-logprobs, axis=1, kind="stable")[:, : asked.top]
+    vocabulary = toy_vocabulary()
+    return [
+        {
+            "token": word,
+            "logprob": float(chosen[i]),
+            "bytes": _utf8(word),
+            "top_logprobs": [
+                {
+                    "token": vocabulary[j],
+                    "logprob": float(logprobs[i, j]),
+                    "bytes": _utf8(vocabulary[j]),
+                }
+                for j in top[i].tolist()
+            ],
+        }
+        for i, word in enumerate(words)
+    ]
 
 
 def _int_field(payload: dict[str, Any], key: str, *, default: int, low: int, high: int) -> int:
@@ -382,7 +646,9 @@ def chat_completion(
     """Answer a chat completions request: ``n`` equal replies to the last user message.
 
     ``usage`` counts the words of every message once as the prompt and the words of every
-    choice as the completion, as OpenAI counts ``n`` choices.
+    choice as the completion, as OpenAI counts ``n`` choices. With ``logprobs: true`` each
+    choice carries ``logprobs.content`` (``top_logprobs`` tokens per position, under
+    ``logit_bias``); without it, choices carry no ``logprobs`` key.
     """
     request = _llm_request(payload, "messages")
     messages = request["messages"]
@@ -393,8 +659,14 @@ def chat_completion(
     if not user:
         raise BadInput('"messages" must hold a message with role "user"')
     n = _int_field(request, "n", default=1, low=1, high=MAX_N)
-    content, tokens, finish = _reply(user[-1], _max_tokens(request))
-    choice = {"message": {"role": "assistant", "content": content}, "finish_reason": finish}
+    asked = _logprob_request(request)
+    words, finish = _reply_words(user[-1], _max_tokens(request))
+    tokens = len(words)
+    choice: dict[str, Any] = {"message": {"role": "assistant", "content": " ".join(words)}}
+    if asked.logprobs:
+        # The same distribution for every choice: the toy does not sample.
+        choice["logprobs"] = {"content": _logprobs_content(user[-1], words, asked)}
+    choice["finish_reason"] = finish
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -445,16 +717,10 @@ def text_completion(
 
 
 def embed(texts: Sequence[str]) -> FloatArray:
-    """Return one unit vector of ``EMBEDDING_DIM`` floats per text, seeded by a hash of the text.
-
-    SHA-256 rather than ``hash()``: Python salts string hashes per process, and the vectors must
-    be the same in every process and run.
-    """
+    """Return one unit vector of ``EMBEDDING_DIM`` floats per text, seeded by a hash of the text
+    (the same in every process and run)."""
     rows = [
-        np.random.default_rng(
-            int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
-        ).standard_normal(EMBEDDING_DIM)
-        for text in texts
+        np.random.default_rng(_text_seed(text)).standard_normal(EMBEDDING_DIM) for text in texts
     ]
     vectors = np.asarray(rows, dtype=np.float64).reshape(len(texts), EMBEDDING_DIM)
     norms: FloatArray = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -537,14 +803,23 @@ class _Routes:
         if name != self._name:
             raise web.HTTPNotFound(text=f"model {name!r} not found")
 
+    def _v1_model(self, request: web.Request) -> DemoModel | LinearModel:
+        """Return the model KServe v1 names: the MLP, or the logistic victim beside it."""
+        name = request.match_info["name"]
+        if name == self._name:
+            return self._model
+        if name == self._name + LINEAR_SUFFIX and self._model.linear is not None:
+            return self._model.linear
+        raise web.HTTPNotFound(text=f"model {name!r} not found")
+
     async def v1_model(self, request: web.Request) -> web.Response:
-        self._check_name(request)
-        return _json({"name": self._name, "ready": True})
+        self._v1_model(request)
+        return _json({"name": request.match_info["name"], "ready": True})
 
     async def v1_predict(self, request: web.Request) -> web.Response:
-        self._check_name(request)
+        model = self._v1_model(request)
         instances = parse_v1(parse_json(await request.read()))
-        return _json({"predictions": self._model.predict_proba(instances).tolist()})
+        return _json({"predictions": model.predict_proba(instances).tolist()})
 
     async def debug_headers(self, request: web.Request) -> web.Response:
         """Show the request headers the model received (what the guard and Envoy passed on)."""
@@ -616,7 +891,8 @@ class _Routes:
 
 
 def build_app(model: DemoModel, *, name: str = DEFAULT_NAME) -> web.Application:
-    """Return the aiohttp application serving ``model`` as ``name``, and the toy LLM beside it."""
+    """Return the aiohttp application serving ``model`` as ``name`` (its logistic victim, if
+    any, as ``name-linear`` over KServe v1), and the toy LLM beside them."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_log_callers, _json_errors])
     routes = _Routes(model, name)
     model_path = "/models/{name:[^/:]+}"
@@ -691,8 +967,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m extauthz.demo.model",
         description=(
-            "Serve a digits classifier over KServe v1 and Open Inference v2, "
-            "and a toy LLM over OpenAI's chat, completions and embeddings APIs."
+            "Serve a digits classifier over KServe v1 and Open Inference v2, a logistic one "
+            "over KServe v1 as NAME-linear, and a toy LLM over OpenAI's chat, completions "
+            "and embeddings APIs."
         ),
     )
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (%(default)s)")
@@ -703,7 +980,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Train the model, serve it until SIGTERM or SIGINT, and return the exit code."""
+    """Train the models, serve them until SIGTERM or SIGINT, and return the exit code."""
     args = _parse_args(argv)
     model = DemoModel.train(seed=args.seed)
     return asyncio.run(_serve(model, args))

@@ -1,4 +1,10 @@
-"""``extauthz demo``: the local stack with real Envoy, benign and abusive traffic, a report per client."""
+"""``extauthz demo``: the local stack with real Envoy, a tour of the guard, then the red team.
+
+First a tour: benign, keyed, trusted, leaked, challenged and harvesting clients, one report each.
+Then the heart of the demo: the red team's attacks and a benign workload against the model
+directly (undefended) and through Envoy and the guard (defended), at a modest budget; it prints
+the side-by-side table and writes the JSON and HTML reports.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +24,20 @@ from extauthz.admin_client import AdminClient
 from extauthz.challenge.client import ChallengeSession
 from extauthz.demo.client import Client, Reply
 from extauthz.demo.local import LocalStack
+from extauthz.demo.workspace import DEMO_POLICY, prepare
+from extauthz.keys import KeyRing
+from extauthz.redteam.campaign import PROBE, Endpoint, Plan, reference_for, run_campaign
+from extauthz.redteam.cli import THRESHOLDS
+from extauthz.redteam.html import render_html
+from extauthz.redteam.report import RunReport, document, to_json, to_table
 
-DEMO_POLICY = Path(__file__).with_name("policy.yaml")
+__all__ = ["DEMO_POLICY", "RED_TEAM_BUDGET", "run_demo"]
+
+#: Instances per attack in the demo: enough for the curves to mean something, quick to run.
+RED_TEAM_BUDGET = 600
+#: Raw keys of the demo policy's red-team and benign identities (their names: thief-NN, user-NN).
+THIEF_KEYS = [f"demo-thief-{i:02d}-key" for i in range(24)]
+USER_KEYS = [f"demo-user-{i:02d}-key" for i in range(10)]
 KSERVE = "/v1/models/digits:predict"
 OIP = "/v2/models/digits/infer"
 
@@ -177,8 +195,10 @@ def run_traffic(stack: LocalStack, say: Callable[[str], None]) -> list[ClientRep
             f"batch of 64 over the anonymous cap of 16: {reply.status} {reply.json().get('error')}"
         )
         with AdminClient(stack.admin_target, stack.admin_token) as admin:
-            admin.set_level("ip:127.0.0.3", "abusive", reason="demo: harvesting")
-        harvester.notes.append("operator pinned ip:127.0.0.3 to abusive (extauthz admin set-level)")
+            admin.set_level("ip:127.0.0.3", "abusive", blocked=True, reason="demo: harvesting")
+        harvester.notes.append(
+            "operator blocked ip:127.0.0.3 (extauthz admin set-level ... abusive --block)"
+        )
         for start in range(0, 48, 16):
             reply = harvester.record(http.post(KSERVE, _kserve(x_test[start : start + 16])), 16)
         harvester.notes.append(f"after the pin: {reply.status} {reply.json().get('error')}")
@@ -236,13 +256,86 @@ def expectations(reports: list[ClientReport]) -> list[str]:
     return problems
 
 
-def run_demo(*, keep: bool = False, workdir: Path | None = None) -> int:
+def red_team_plan(*, budget: int = RED_TEAM_BUDGET, seed: int = 0) -> Plan:
+    """Return the demo's red-team plan: every attack, a Sybil variant, benign clients."""
+    from extauthz.redteam.attacks import ATTACKS
+
+    return Plan(
+        attacks=[*ATTACKS, PROBE],
+        path=KSERVE,
+        budget=budget,
+        batch=32,
+        seed=seed,
+        sybil=["jacobian"],
+        sybil_identities=4,
+        paths={"equation": "/v1/models/digits-linear:predict", PROBE: "/v1/chat/completions"},
+        benign_clients=5,
+        benign_queries=budget // 5,
+    )
+
+
+def run_red_team(
+    stack: LocalStack, plan: Plan, say: Callable[[str], None]
+) -> tuple[list[RunReport], dict[str, object]]:
+    """Attack the model directly and through Envoy + guard; return both runs and the document."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    direct = f"http://127.0.0.1:{stack.ports.model}"
+    reference = reference_for(plan, direct)
+    undefended = run_campaign(Endpoint("undefended", direct), plan, reference, say=say)
+    defended_endpoint = Endpoint(
+        "defended",
+        f"http://127.0.0.1:{stack.ports.listener}",
+        keys=THIEF_KEYS,
+        client_ids=[f"key:thief-{i:02d}" for i in range(len(THIEF_KEYS))],
+        benign_keys=USER_KEYS,
+        benign_client_ids=[f"key:user-{i:02d}" for i in range(len(USER_KEYS))],
+    )
+    keyring = KeyRing.from_file(stack.workdir / "keys.yaml")
+    with AdminClient(stack.admin_target, stack.admin_token) as admin:
+        defended = run_campaign(
+            defended_endpoint, plan, reference, admin=admin, keyring=keyring, say=say
+        )
+    runs = [undefended, defended]
+    doc = document(
+        runs,
+        started=started,
+        seed=plan.seed,
+        budget=plan.budget,
+        batch=plan.batch,
+        dialect="kserve_v1",
+        thresholds=THRESHOLDS,
+    )
+    return runs, doc
+
+
+def red_team_problems(runs: list[RunReport]) -> list[str]:
+    """Return what the red team's run shows the defense failed at (empty when it held)."""
+    defended = runs[-1]
+    problems = []
+    if defended.benign is not None and defended.benign.refusals:
+        problems.append(f"{defended.benign.refusals} benign requests were refused")
+    if not any(a.first_refusal is not None for a in defended.attacks):
+        problems.append("no attack was refused or challenged")
+    return problems
+
+
+def run_demo(
+    *,
+    keep: bool = False,
+    workdir: Path | None = None,
+    budget: int = RED_TEAM_BUDGET,
+    seed: int = 0,
+    report_dir: Path | None = None,
+) -> int:
     def say(line: str) -> None:
         print(line, flush=True)
 
     say("starting the local stack: demo model, guard, Envoy (real binary) ...")
     started = time.monotonic()
-    stack = LocalStack(policy=DEMO_POLICY, workdir=workdir, fixed_ports=keep)
+    stack = LocalStack(policy=None, workdir=workdir, fixed_ports=keep)
+    files = prepare(stack.workdir, seed=0)
+    stack.policy = files.policy
+    stack.add_guard_args(files.guard_args)
     with stack:
         say(
             f"  up in {time.monotonic() - started:.1f}s: Envoy :{stack.ports.listener} -> guard :{stack.ports.guard} "
@@ -253,13 +346,27 @@ def run_demo(*, keep: bool = False, workdir: Path | None = None) -> int:
         print_report(reports, stack, say)
         problems = expectations(reports)
         say("")
+        say(
+            f"red team: {len(red_team_plan().attacks) + 1} attacks x {budget} instances and "
+            f"5 benign clients, against the model directly and through Envoy + guard (seed {seed}) ..."
+        )
+        runs, doc = run_red_team(stack, red_team_plan(budget=budget, seed=seed), say)
+        out_dir = report_dir or Path.cwd()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "redteam-report.json").write_text(to_json(doc) + "\n")
+        (out_dir / "redteam-report.html").write_text(render_html(doc))
+        say("")
+        say(to_table(doc))
+        say(f"reports: {out_dir / 'redteam-report.html'} (and .json)")
+        problems += red_team_problems(runs)
         if problems:
             for problem in problems:
                 say(f"UNEXPECTED: {problem}")
             return 1
         say(
             "demo ok: benign clients served; the suspect paid proof-of-work for a pass; the leaked key, "
-            "the harvester's spent quota, its oversized batch and the blocked client refused"
+            "the harvester's spent quota, its oversized batch and the blocked client refused; "
+            "the red team's clones compared with and without extauthz"
         )
         if keep:
             say(

@@ -80,8 +80,24 @@ def parse_policy(
         policy = Policy.model_validate(document)
     except ValidationError as exc:
         raise PolicyError(source, [_describe(err) for err in exc.errors()]) from None
+    _check_coverage_reference(policy, base_dir, source)
     keys = {key.sha256: key for key in policy.identity.api_keys}
     return Snapshot(policy, source, digest, keys, tuple(watched))
+
+
+def _check_coverage_reference(policy: Policy, base_dir: Path | None, source: str) -> None:
+    """Refuse a detection.coverage_reference that does not exist, before any request needs it."""
+    name = policy.detection.coverage_reference
+    if not name or not policy.detection.enabled:
+        return
+    path = Path(name)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if not path.is_file():
+        raise PolicyError(
+            source,
+            [f"detection.coverage_reference: no such file {path} (a .npy of projected vectors)"],
+        )
 
 
 def _keys_file(document: dict[str, Any], base_dir: Path | None) -> Path | None:

@@ -110,11 +110,22 @@ class OutputStep(_Frozen):
     - ``reverse_sigmoid``: ART's ReverseSigmoid(``beta``, ``gamma``), then the original argmax restored;
     - ``keyed_noise``: an argmax-preserving perturbation of size ``scale`` (log space) derived from
       HMAC(key, client, canonical input), inputs quantized to ``quantum`` so repeats and jitter get
-      the same noise; embeddings get a keyed rotation whose cosine change is ``cosine_change``.
+      the same noise; embeddings get a keyed rotation whose cosine change is ``cosine_change``;
+    - ``misinform``: Adaptive Misinformation (Kariyappa & Qureshi 2020) at the gateway: rows whose
+      top-1 probability is at most ``below`` get their top class swapped with a keyed other class
+      (one per top class, the same for every client), so a clone trained on them learns a wrong
+      decision function. Meant for ``output_by_level`` of suspicious clients; it is the one step
+      that changes the top-1 class on purpose.
     """
 
     policy: Literal[
-        "passthrough", "round", "top_k", "label_only", "reverse_sigmoid", "keyed_noise"
+        "passthrough",
+        "round",
+        "top_k",
+        "label_only",
+        "reverse_sigmoid",
+        "keyed_noise",
+        "misinform",
     ] = "passthrough"
     decimals: Annotated[int, Field(ge=0, le=12)] = 4
     k: Annotated[int, Field(ge=1)] = 3
@@ -123,6 +134,7 @@ class OutputStep(_Frozen):
     scale: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] = 0.5
     quantum: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
     cosine_change: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.01
+    below: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
 
 
 def _steps(value: object) -> object:

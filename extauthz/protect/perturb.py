@@ -15,7 +15,13 @@ only needs the label loses nothing, while an attacker training on the soft label
 - ``keyed_noise``: ``softmax(log p + scale * z)`` with ``z`` drawn from a generator seeded by
   HMAC(key, client, canonical input), then :func:`restore_argmax`. The same client asking the same
   (or a jittered) question gets the same answer, so averaging repeats recovers nothing; other
-  clients and other keys get other noise, so Sybil accounts cannot average each other's either.
+  clients and other keys get other noise, so Sybil accounts cannot average each other's either;
+- ``misinform``: the exception to the rule above (Adaptive Misinformation, Kariyappa & Qureshi
+  2020): each row whose top-1 probability is at most ``below`` swaps its top class with a wrong
+  class that depends only on the key and the top class. The wrong answers are consistent (a
+  clone learns a wrong decision function, not label noise it would average away), and Sybil
+  accounts all get the same ones. Later steps keep the misinformed top class. Scores (logits) are
+  swapped the same way.
 
 Rows holding NaN or infinity are served as they came. Every rewrite records its distortion per
 instance (:attr:`Protected.l1`, :attr:`Protected.top1_changed`) for the metrics.
@@ -46,10 +52,12 @@ __all__ = [
     "detect_kind",
     "embedding_noise",
     "keyed_noise",
+    "misinform",
     "protect_outputs",
     "restore_argmax",
     "reverse_sigmoid",
     "row_seeds",
+    "wrong_classes",
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -193,9 +201,16 @@ def _protect_array(
     good = np.asarray(np.isfinite(flat).all(axis=1), dtype=np.bool_)
     orig = flat[good]
     cur = orig
+    # The top class later steps preserve: the model's, or the misinformed one once swapped.
+    reference = orig
     for index, step in active:
+        if step.policy == "misinform":
+            if kind == "scores" or (kind == "probabilities" and cur.shape[1] > 1):
+                below = step.below if kind == "probabilities" else np.inf
+                cur = reference = misinform(cur, keys.wrong_classes(cur.shape[1]), below)
+            continue
         seeds = partial(keys.seeds, index, step, name, n, good)
-        cur = _apply(step, kind, orig, cur, seeds)
+        cur = _apply(step, kind, reference, cur, seeds)
     if cur is orig or np.array_equal(cur, orig):
         return None
     out = flat.copy()
@@ -318,6 +333,35 @@ def keyed_noise(p: FloatArray, seeds: npt.NDArray[np.uint64], scale: float) -> F
     out = p.copy()
     out[usable] = e / e.sum(axis=1, keepdims=True)
     return restore_argmax(p, out)
+
+
+def misinform(p: FloatArray, wrong: npt.NDArray[np.intp], below: float) -> FloatArray:
+    """Swap each row's top entry with entry ``wrong[top]`` where the top value is at most ``below``.
+
+    ``wrong`` maps each class to another (:meth:`_Keys.wrong_classes`); the swap keeps the row's
+    values, so the answer looks as confident as the model's.
+    """
+    k = p.shape[1]
+    if k < 2 or p.shape[0] == 0:
+        return p
+    rows = np.arange(p.shape[0])
+    top = np.argmax(p, axis=1)
+    chosen = p[rows, top] <= below
+    r, t, o = rows[chosen], top[chosen], wrong[top[chosen]]
+    out = p.copy()
+    out[r, t], out[r, o] = p[r, o], p[r, t]
+    return out
+
+
+def wrong_classes(key: bytes, k: int) -> npt.NDArray[np.intp]:
+    """Return, for each of ``k`` classes, the keyed other class ``misinform`` answers with."""
+    digest = hmac.new(key, b"misinform:%d" % k, hashlib.sha256).digest()
+    while len(digest) < 8 * k:
+        digest += hashlib.sha256(digest).digest()
+    draws = np.frombuffer(digest[: 8 * k], dtype="<u8").astype(np.uint64)
+    offsets = 1 + (draws % np.uint64(max(k - 1, 1))).astype(np.intp)
+    wrong: npt.NDArray[np.intp] = (np.arange(k) + offsets) % k
+    return wrong
 
 
 def embedding_noise(
@@ -535,6 +579,10 @@ class _Keys:
             )
             seeds = _mix(counters)
         return seeds[good]
+
+    def wrong_classes(self, k: int) -> npt.NDArray[np.intp]:
+        """Return the key's misinformation map over ``k`` classes (the same for every client)."""
+        return wrong_classes(self._ctx.key, k)
 
     def _instance_macs(self, quantum: float, n: int) -> list[hmac.HMAC]:
         ctx = self._ctx

@@ -60,9 +60,9 @@ class Rewrite:
 
 
 def quantum_of(steps: Sequence[OutputStep]) -> float:
-    """The input grid of the pipeline's keyed noise (its first keyed step), or the default."""
+    """The input grid of the pipeline's keyed steps (its first one), or the default."""
     for step in steps:
-        if step.policy == "keyed_noise":
+        if step.policy in ("keyed_noise", "misinform"):
             return step.quantum
     return OutputStep().quantum
 

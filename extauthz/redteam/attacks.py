@@ -8,8 +8,10 @@ instances were sent and answered, where the first refusal or challenge came, how
 challenges cost, and the (inputs, labels) pairs a clone can be trained on.
 
 Attacks: ``knockoff`` (natural digits with jitter, sampled at random from the attacker's pool),
+``knockoff-adaptive`` (the same pool, sampled by Knockoff Nets' gradient bandit over its classes),
 ``uniform`` (uniform noise in the input box), ``jacobian`` (Papernot augmentation from a few
-seeds) and ``linesearch`` (Tramèr boundary search between seeds).
+seeds), ``linesearch`` (Tramèr boundary search between seeds) and ``equation`` (Tramèr's equation
+solving, meant for a logistic victim: its clone is solved from the answers' probabilities).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from extauthz.challenge.client import ChallengeSession, Response
 from extauthz.dialects import get_dialect
 from extauthz.dialects.base import DialectError
 from extauthz.redteam.clone import labels_of
+from extauthz.redteam.equation import EquationSolvingAttacker
 from extauthz.redteam.traffic import (
+    AdaptiveKnockoff,
     BenignClient,
     JacobianAttacker,
     LineSearchAttacker,
@@ -39,9 +43,14 @@ from extauthz.redteam.traffic import (
 __all__ = [
     "ATTACKS",
     "API_KEY_HEADER",
+    "AttackData",
     "AttackResult",
+    "BatchEvent",
     "SessionFactory",
+    "attack_data",
     "attack_split",
+    "read_scores",
+    "request_body",
     "make_source",
     "predict_over_http",
     "run_attack",
@@ -50,7 +59,9 @@ __all__ = [
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-ATTACKS: Final = ("knockoff", "uniform", "jacobian", "linesearch")
+ATTACKS: Final = ("knockoff", "knockoff-adaptive", "uniform", "jacobian", "linesearch", "equation")
+#: Attacks that learn from natural data (the rest are synthetic).
+NATURAL_ATTACKS: Final = ("knockoff", "knockoff-adaptive")
 API_KEY_HEADER: Final = "x-api-key"
 #: Longest ``Retry-After`` wait, in seconds per request, an attack honours.
 MAX_WAIT_S: Final = 5.0
@@ -61,6 +72,18 @@ N_SEEDS: Final = 20
 
 #: ``factory(identity)`` returns a fresh session for identity 0..K-1.
 SessionFactory = Callable[[int], ChallengeSession]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchEvent:
+    """One request of an attack, as progress bars and risk samplers see it."""
+
+    identity: int
+    instances: int
+    sent: int
+    """Instances sent by the whole attack so far, this batch included."""
+    status: int
+    answered: bool
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # array fields: no elementwise ==
@@ -83,10 +106,24 @@ class AttackResult:
     inputs: FloatArray
     labels: IntArray
     """The victim's top-1 class for each answered input (scores are reduced to their argmax)."""
+    scores: FloatArray
+    """The answered scores, ``(answered, classes)`` as served (one-hot for label-only answers)."""
+    sent_before: IntArray
+    """Per answered input: instances the attack had sent before its batch (for fidelity curves)."""
 
 
-def attack_split(seed: int = 0) -> tuple[FloatArray, FloatArray, IntArray]:
-    """Return ``(attack_pool, x_eval, y_eval)``: disjoint halves of the held-out digits.
+@dataclass(frozen=True, slots=True, eq=False)  # array fields: no elementwise ==
+class AttackData:
+    """The attacker's labelled natural pool and the held-out set clones are scored on."""
+
+    pool: FloatArray
+    pool_labels: IntArray
+    x_eval: FloatArray
+    y_eval: IntArray
+
+
+def attack_data(seed: int = 0) -> AttackData:
+    """Split the held-out digits in two disjoint halves: the attacker's pool and the evaluation set.
 
     The attacker draws natural inputs and seeds from the pool only; clones are scored on the
     other half, so no clone is scored on an input it was trained near.
@@ -94,15 +131,36 @@ def attack_split(seed: int = 0) -> tuple[FloatArray, FloatArray, IntArray]:
     x, y = natural_pool(seed)
     order = np.random.default_rng(seed).permutation(x.shape[0])
     half = x.shape[0] // 2
-    return x[order[:half]], x[order[half:]], y[order[half:]]
+    mine, held = order[:half], order[half:]
+    return AttackData(x[mine], y[mine], x[held], y[held])
 
 
-def make_source(name: str, pool: npt.ArrayLike, rng: np.random.Generator) -> QuerySource:
-    """Return the query source of attack ``name`` over the attacker's natural ``pool``."""
+def attack_split(seed: int = 0) -> tuple[FloatArray, FloatArray, IntArray]:
+    """Return ``(attack_pool, x_eval, y_eval)`` of :func:`attack_data`."""
+    data = attack_data(seed)
+    return data.pool, data.x_eval, data.y_eval
+
+
+def make_source(
+    name: str,
+    pool: npt.ArrayLike,
+    rng: np.random.Generator,
+    pool_labels: npt.ArrayLike | None = None,
+) -> QuerySource:
+    """Return the query source of attack ``name`` over the attacker's natural ``pool``.
+
+    ``knockoff-adaptive`` needs the pool's own labels (the attacker's labelled data set).
+    """
     rows = np.asarray(pool, dtype=np.float64)
     seeds = rows[rng.choice(rows.shape[0], size=min(N_SEEDS, rows.shape[0]), replace=False)]
     if name == "knockoff":
         return BenignClient(rows, rng=rng, jitter=1.0)
+    if name == "knockoff-adaptive":
+        if pool_labels is None:
+            raise ValueError("knockoff-adaptive needs the labels of the attacker's pool")
+        return AdaptiveKnockoff(rows, pool_labels, rng=rng, jitter=1.0)
+    if name == "equation":
+        return EquationSolvingAttacker(rng=rng)
     if name == "uniform":
         return UniformNoiseAttacker(rng=rng)
     if name == "jacobian":
@@ -112,12 +170,15 @@ def make_source(name: str, pool: npt.ArrayLike, rng: np.random.Generator) -> Que
     raise ValueError(f"unknown attack {name!r} (expected one of: {', '.join(ATTACKS)})")
 
 
-def _body(x: FloatArray) -> bytes:
+def request_body(x: FloatArray) -> bytes:
     return json.dumps({"instances": x.tolist()}).encode()
 
 
-def _answers(response: Response, n: int) -> IntArray | None:
-    """Return the top-1 class per instance of a 200 KServe v1 answer, or None if unreadable."""
+def read_scores(response: Response, n: int) -> FloatArray | None:
+    """Return the ``(n, classes)`` scores of a 200 KServe v1 answer, or None if unreadable.
+
+    An answer of ``(n,)`` labels comes back one-hot, so every answer has the same shape.
+    """
     if response.status != 200:
         return None
     try:
@@ -125,12 +186,14 @@ def _answers(response: Response, n: int) -> IntArray | None:
     except DialectError:
         return None
     values = outputs.get("predictions", next(iter(outputs.values()), None))
-    if values is None or values.shape[0] != n:
+    if values is None or values.ndim not in (1, 2) or values.shape[0] != n:
         return None
-    try:
-        return labels_of(values)
-    except ValueError:
-        return None
+    if values.ndim == 2 and values.shape[1] > 0:
+        return np.asarray(values, dtype=np.float64)
+    if values.ndim == 1 and (values >= 0).all() and (values == np.round(values)).all():
+        labels = values.astype(np.int64)
+        return np.eye(int(labels.max(initial=0)) + 1)[labels]
+    return None
 
 
 def predict_over_http(
@@ -150,12 +213,15 @@ def predict_over_http(
     for start in range(0, rows.shape[0], batch):
         chunk = rows[start : start + batch]
         response = session.request(
-            "POST", path, _body(chunk), {"content-type": "application/json", **(headers or {})}
+            "POST",
+            path,
+            request_body(chunk),
+            {"content-type": "application/json", **(headers or {})},
         )
-        labels = _answers(response, chunk.shape[0])
-        if labels is None:
+        scores = read_scores(response, chunk.shape[0])
+        if scores is None:
             raise RuntimeError(f"reference answered {response.status}: {response.body[:200]!r}")
-        parts.append(labels)
+        parts.append(labels_of(scores))
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
@@ -168,10 +234,12 @@ def run_attack(
     batch: int,
     rng: np.random.Generator,
     pool: npt.ArrayLike | None = None,
+    pool_labels: npt.ArrayLike | None = None,
     identities: int = 1,
     keys: Sequence[str] = (),
     wait_on_429: bool = True,
     max_wait_s: float = MAX_WAIT_S,
+    on_batch: Callable[[BatchEvent], None] | None = None,
 ) -> AttackResult:
     """Send attack ``name`` to ``path`` until ``budget`` instances are sent, in batches of ``batch``.
 
@@ -179,13 +247,17 @@ def run_attack(
     least ``identities`` of them), else anonymously. ``pool`` is the attacker's natural data
     (default: the attack half of :func:`attack_split`). The run stops early after
     ``GIVE_UP_AFTER`` refused batches in a row; a ``Retry-After`` is honoured up to
-    ``max_wait_s`` per request when ``wait_on_429`` is set.
+    ``max_wait_s`` per request when ``wait_on_429`` is set. ``on_batch`` hears of every request
+    (progress bars, risk samples).
     """
     if budget < 0 or batch < 1:
         raise ValueError(f"need budget >= 0 and batch >= 1, got {budget}, {batch}")
     if identities < 1 or (keys and len(keys) < identities):
         raise ValueError(f"need {identities} identities and as many keys, got {len(keys)} keys")
-    source = make_source(name, attack_split()[0] if pool is None else pool, rng)
+    if pool is None:
+        data = attack_data()
+        pool, pool_labels = data.pool, data.pool_labels
+    source = make_source(name, pool, rng, pool_labels)
     splitter = SybilSplitter(source, identities)
     sessions = [session_factory(i) for i in range(identities)]
     headers = [
@@ -200,25 +272,33 @@ def run_attack(
     refused_in_a_row = 0
     statuses: dict[int, int] = {}
     inputs: list[FloatArray] = []
-    labels: list[IntArray] = []
+    scores: list[FloatArray] = []
+    sent_before: list[IntArray] = []
     try:
         while sent < budget and refused_in_a_row < GIVE_UP_AFTER:
             step = splitter.next_batch(min(batch, budget - sent))
             session = sessions[step.identity]
             solved = session.solved
-            response = session.request("POST", path, _body(step.inputs), headers[step.identity])
+            response = session.request(
+                "POST", path, request_body(step.inputs), headers[step.identity]
+            )
             statuses[response.status] = statuses.get(response.status, 0) + 1
-            answers = _answers(response, step.inputs.shape[0])
+            answers = read_scores(response, step.inputs.shape[0])
             if first_refusal is None and (answers is None or session.solved > solved):
                 first_refusal = sent
-            sent += step.inputs.shape[0]
+            n = step.inputs.shape[0]
+            if answers is not None:
+                sent_before.append(np.full(n, sent, dtype=np.int64))
+            sent += n
+            if on_batch is not None:
+                on_batch(BatchEvent(step.identity, n, sent, response.status, answers is not None))
             if answers is None:
                 refused_in_a_row += 1
                 continue
             refused_in_a_row = 0
             splitter.observe(step.inputs, answers)
             inputs.append(step.inputs)
-            labels.append(answers)
+            scores.append(answers)
     finally:
         for session in sessions:
             session.close()
@@ -232,5 +312,17 @@ def run_attack(
         challenges=sum(s.solved for s in sessions),
         statuses=statuses,
         inputs=np.concatenate(inputs) if inputs else np.empty((0, 64)),
-        labels=np.concatenate(labels) if labels else np.empty(0, dtype=np.int64),
+        labels=np.concatenate([labels_of(a) for a in scores])
+        if scores
+        else np.empty(0, dtype=np.int64),
+        scores=_stack_scores(scores),
+        sent_before=np.concatenate(sent_before) if sent_before else np.empty(0, dtype=np.int64),
     )
+
+
+def _stack_scores(parts: Sequence[FloatArray]) -> FloatArray:
+    """Stack answered scores, padding narrower one-hot rows (labels seen so far) with zeros."""
+    if not parts:
+        return np.empty((0, 0))
+    width = max(p.shape[1] for p in parts)
+    return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts])

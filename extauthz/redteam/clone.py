@@ -60,6 +60,24 @@ class Clone:
         predicted: IntArray = np.asarray(self.estimator.predict(rows / FEATURE_MAX), dtype=np.int64)
         return predicted
 
+    def predict_proba(self, x: npt.ArrayLike, n_classes: int) -> FloatArray:
+        """Return ``(n, n_classes)`` probabilities: the estimator's, or one-hot of its classes.
+
+        Columns follow class indices even when the clone never saw some classes.
+        """
+        rows = np.asarray(x, dtype=np.float64)
+        out = np.zeros((rows.shape[0], n_classes))
+        known = getattr(self.estimator, "classes_", None)
+        if self.estimator is None or known is None or not hasattr(self.estimator, "predict_proba"):
+            out[np.arange(rows.shape[0]), np.clip(self.predict(rows), 0, n_classes - 1)] = 1.0
+            return out
+        columns = np.asarray(known, dtype=np.int64)
+        keep = columns < n_classes
+        out[:, columns[keep]] = np.asarray(self.estimator.predict_proba(rows / FEATURE_MAX))[
+            :, keep
+        ]
+        return out
+
 
 def train_clone(x: npt.ArrayLike, answers: npt.ArrayLike, kind: CloneKind, seed: int) -> Clone:
     """Fit a ``kind`` clone on inputs ``x`` and the victim's ``answers`` (scores or labels).

@@ -17,6 +17,9 @@ a blind version of the same attack, which is what an attacker facing a refusing 
 - :class:`JacobianAttacker`: Papernot-style augmentation (JbDA, defenses.md §4),
   ``x + step * sign(direction)`` from a few seeds; many near-duplicates of few seeds, the signal
   PRADA and Blacklight look for.
+- :class:`AdaptiveKnockoff`: Knockoff Nets' adaptive sampling (defenses.md §4, ART): a gradient
+  bandit picks which class of the attacker's labelled pool to send next, rewarded by the answer's
+  top-2 margin, or by disagreement with the pool label when answers are labels only.
 - :class:`SybilSplitter`: one attacker's stream spread over K identities, round robin.
 """
 
@@ -32,6 +35,7 @@ import numpy.typing as npt
 from extauthz.demo.model import FEATURE_MAX, N_FEATURES, load_data
 
 __all__ = [
+    "AdaptiveKnockoff",
     "BenignClient",
     "Bracket",
     "GradientProxy",
@@ -508,6 +512,135 @@ class JacobianAttacker:
     def observe(self, inputs: npt.ArrayLike, probabilities: npt.ArrayLike) -> None:
         """Record the answered class of each point of the last batch."""
         self._labels[self._sent] = self._pending.answered(inputs, probabilities)
+
+
+class AdaptiveKnockoff:
+    """Choose which class of its own pool to query next by a gradient bandit (Knockoff Nets, adaptive).
+
+    The attacker holds a labelled pool; its actions are the pool's classes (``classes``). Each
+    query draws an action from the softmax policy ``policy`` over preferences H, takes an unused
+    row of that class (a class's rows are reshuffled once all were sent), adds Gaussian noise of
+    sd ``jitter`` and clips to ``[0, 16]``. ``observe`` scores every answered query and moves H by
+    Sutton & Barto's gradient bandit, ``H_b += α (r − r̄)(1[b = a] − π_b)``, ``α = step_size``.
+
+    Rewards: ``"cert"`` is the answer's top-2 margin (the top score when only one is returned),
+    as in ART; answers given as ``(n,)`` labels have no margin, so ``"cert"`` then falls back to
+    the disagreement reward. ``"div"`` is always that disagreement reward: 1 when the answered
+    class differs from the pool label of the row sent, else 0, because the attacker learns most
+    where the victim disagrees with its own labels. It stands in for ART's ``div``; ART's
+    ``loss`` needs a thief model and is not offered.
+
+    A batch is one bandit round of ``n`` pulls: its actions are drawn from the policy at the
+    start of the batch, and the update sums the ``n`` per-query steps with π and the baseline
+    r̄ held at their batch-start values, so each query moves H as much as one of ART's
+    sequential steps. r̄ is the mean reward of all earlier answered queries (the first batch's
+    own mean before any), then takes in the batch's rewards.
+    """
+
+    #: The rewards it can learn from.
+    REWARDS: Final = frozenset({"cert", "div"})
+
+    def __init__(
+        self,
+        pool: npt.ArrayLike,
+        pool_labels: npt.ArrayLike,
+        *,
+        rng: np.random.Generator,
+        jitter: float = 1.0,
+        step_size: float = 0.1,
+        reward: str = "cert",
+    ) -> None:
+        if not jitter >= 0:
+            raise ValueError(f"jitter must be >= 0, got {jitter}")
+        if not step_size > 0:
+            raise ValueError(f"step_size must be > 0, got {step_size}")
+        if reward not in self.REWARDS:
+            raise ValueError(f"reward must be one of {sorted(self.REWARDS)}, got {reward!r}")
+        self._pool = _check_rows(pool, "pool")
+        self._labels = _check_labels(pool_labels, self._pool.shape[0])
+        self._rng = rng
+        self._jitter = jitter
+        self._step = step_size
+        self._reward = reward
+        self._classes: IntArray = np.unique(self._labels)
+        # Action index (into ``_classes``) of every pool row.
+        self._row_action: IntArray = np.searchsorted(self._classes, self._labels).astype(np.int64)
+        self._members = [np.flatnonzero(self._row_action == a) for a in range(self._classes.size)]
+        self._queues: list[IntArray] = [np.empty(0, dtype=np.int64) for _ in self._members]
+        self._h: FloatArray = np.zeros(self._classes.size)
+        self._mean_reward = 0.0
+        self._answered = 0
+        self._sent_rows: IntArray = np.empty(0, dtype=np.int64)
+        self._sent_policy: FloatArray = self.policy
+        self._pending = _Pending()
+
+    @property
+    def classes(self) -> IntArray:
+        """Return the actions: the distinct pool labels, in the order ``policy`` uses."""
+        return self._classes.copy()
+
+    @property
+    def policy(self) -> FloatArray:
+        """Return π, the softmax of the preferences H, one probability per entry of ``classes``."""
+        weights = np.exp(self._h - self._h.max())
+        pi: FloatArray = weights / weights.sum()
+        return pi
+
+    @property
+    def mean_reward(self) -> float:
+        """Return r̄, the mean reward of all answered queries so far (0 before any)."""
+        return self._mean_reward
+
+    def _draw_rows(self, actions: IntArray) -> IntArray:
+        """Return, per action, the next unused pool row of its class (loops over classes only)."""
+        rows = np.empty(actions.shape[0], dtype=np.int64)
+        for a, count in enumerate(np.bincount(actions, minlength=self._classes.size)):
+            if count == 0:
+                continue
+            members = self._members[a]
+            while self._queues[a].shape[0] < count:
+                shuffled = members[self._rng.permutation(members.shape[0])]
+                self._queues[a] = np.concatenate([self._queues[a], shuffled])
+            rows[actions == a], self._queues[a] = self._queues[a][:count], self._queues[a][count:]
+        return rows
+
+    def next_batch(self, n: int) -> FloatArray:
+        """Return ``n`` jittered pool rows of classes drawn from the current policy."""
+        _check_n(n)
+        self._sent_policy = self.policy
+        actions = self._rng.choice(self._classes.size, size=n, p=self._sent_policy)
+        self._sent_rows = self._draw_rows(actions.astype(np.int64))
+        noise = self._rng.normal(0.0, self._jitter, size=(n, N_FEATURES))
+        batch: FloatArray = np.clip(self._pool[self._sent_rows] + noise, 0.0, FEATURE_MAX)
+        self._pending.sent(batch)
+        return batch
+
+    def _rewards(self, probabilities: npt.ArrayLike, answered: IntArray) -> FloatArray:
+        """Return one reward per query: top-2 margin for ``"cert"`` with scores, else disagreement."""
+        answers = np.asarray(probabilities, dtype=np.float64)
+        if self._reward == "cert" and answers.ndim == 2:
+            top = -np.sort(-answers, axis=1)
+            second = top[:, 1] if top.shape[1] > 1 else np.zeros(top.shape[0])
+            margin: FloatArray = top[:, 0] - second
+            return margin
+        disagree: FloatArray = (answered != self._labels[self._sent_rows]).astype(np.float64)
+        return disagree
+
+    def observe(self, inputs: npt.ArrayLike, probabilities: npt.ArrayLike) -> None:
+        """Reward each answered query of the last batch and update the preferences H."""
+        answered = self._pending.answered(inputs, probabilities)
+        n = answered.shape[0]
+        if n == 0:
+            return
+        rewards = self._rewards(probabilities, answered)
+        baseline = self._mean_reward if self._answered > 0 else float(rewards.mean())
+        advantage = rewards - baseline
+        actions = self._row_action[self._sent_rows]
+        # Σ_i (r_i − r̄)(1[a_i] − π): per-action sums of the advantage, minus π times the total.
+        per_action = np.bincount(actions, weights=advantage, minlength=self._classes.size)
+        self._h += self._step * (per_action - self._sent_policy * advantage.sum())
+        self._answered += n
+        self._mean_reward += (float(rewards.sum()) - n * self._mean_reward) / self._answered
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # an array field: no elementwise ==

@@ -1,7 +1,9 @@
-"""`make demo` stays true: the demo's traffic through the real stack meets its own expectations."""
+"""`make demo` stays true: the demo's traffic through the real stack meets its own expectations,
+and its red team prints the side-by-side table and writes both reports."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,15 @@ class TestDemo:
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         require_envoy()
-        assert run_demo(workdir=tmp_path) == 0
+        reports = tmp_path / "reports"
+        assert run_demo(workdir=tmp_path / "stack", budget=200, report_dir=reports) == 0
         out = capsys.readouterr().out
         for client in ("benign anonymous", "alice (free key)", "harvester (anonymous)"):
             assert client in out
         assert "demo ok" in out
         assert "ip:127.0.0.3" in out and "action=block" in out
+        assert "undefended vs defended" in out and "benign clients" in out
+        doc = json.loads((reports / "redteam-report.json").read_text())
+        assert [run["label"] for run in doc["runs"]] == ["undefended", "defended"]
+        assert doc["budget"] == 200
+        assert "<svg" in (reports / "redteam-report.html").read_text()

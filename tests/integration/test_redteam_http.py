@@ -16,6 +16,7 @@ from extauthz.demo.model import DemoModel, start
 from extauthz.redteam.attacks import (
     ATTACKS,
     SessionFactory,
+    attack_data,
     attack_split,
     predict_over_http,
     run_attack,
@@ -24,6 +25,7 @@ from extauthz.redteam.cli import main
 from extauthz.redteam.report import AttackReport, evaluate
 
 PATH = "/v1/models/digits:predict"
+LINEAR = "/v1/models/digits-linear:predict"
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +110,21 @@ class TestKnockoffClone:
 class TestCli:
     """``extauthz redteam`` prints a table and writes a JSON report with every field."""
 
+    def test_equation_solving_recovers_the_logistic_victim(self, port: int) -> None:
+        data = attack_data(0)
+        result = run_attack(
+            "equation",
+            _factory(port),
+            path=LINEAR,
+            budget=130,
+            batch=65,
+            rng=np.random.default_rng(0),
+        )
+        with ChallengeSession("127.0.0.1", port) as session:
+            truth = predict_over_http(session, LINEAR, data.x_eval)
+        report = evaluate(result, data.x_eval, data.y_eval, truth)
+        assert report.fidelity_softmax == 1.0  # exact probabilities: the model is solved
+
     def test_json_report(
         self, port: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -118,12 +135,13 @@ class TestCli:
                 "--attacks", "knockoff,uniform",
                 "--budget", "200",
                 "--identities", "2",
-                "--keys", "a,b",
+                "--keys", "a,b,c,d",
                 "--json", str(out),
             ]
         )  # fmt: skip
         assert code == 0
-        rows = json.loads(out.read_text())["reports"]
+        doc = json.loads(out.read_text())
+        rows = doc["runs"][0]["attacks"]
         assert [r["attack"] for r in rows] == ["knockoff", "uniform"]
         for row in rows:
             assert set(row) == set(AttackReport.__dataclass_fields__)

@@ -1,9 +1,11 @@
 """Test the demo model server: training, KServe v1, Open Inference v2, bad input, big batches,
-and the toy LLM's OpenAI-compatible chat, completions and embeddings."""
+the logistic victim, and the toy LLM's OpenAI-compatible chat (with logprobs and logit_bias),
+completions and embeddings."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import sys
@@ -22,8 +24,12 @@ from extauthz.demo.model import (
     EMBEDDING_DIM,
     LLM_NAME,
     MAX_BODY_BYTES,
+    TOY_HIDDEN_DIM,
+    TOY_VOCAB_SIZE,
+    UNK_TOKEN,
     BadInput,
     DemoModel,
+    LinearModel,
     build_app,
     chat_completion,
     count_tokens,
@@ -34,6 +40,10 @@ from extauthz.demo.model import (
     parse_v2,
     start,
     text_completion,
+    token_id,
+    toy_logits,
+    toy_logprobs,
+    toy_vocabulary,
 )
 from extauthz.dialects.openai import OpenAIDialect, token_usage
 
@@ -647,3 +657,251 @@ class TestOpenAIBadInput:
                 call()
             except BadInput:
                 pass
+
+
+LINEAR_V1 = "/v1/models/digits-linear:predict"
+
+
+class TestLinearModel:
+    """The logistic victim trains beside the MLP and answers exact softmax rows as digits-linear."""
+
+    def test_trained_with_the_mlp_and_accurate(self, model: DemoModel) -> None:
+        assert model.linear is not None
+        assert model.linear.accuracy > 0.9 and model.linear.seed == model.seed
+
+    def test_probabilities_are_the_softmax_of_its_logits(
+        self, model: DemoModel, test_rows: np.ndarray
+    ) -> None:
+        assert model.linear is not None
+        logits = model.linear.logits(test_rows)
+        expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+        expected /= expected.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(model.linear.predict_proba(test_rows), expected, atol=1e-12)
+        # Linear in the pixels: the score of a sum of offsets is the sum of the scores' offsets.
+        zero = np.zeros((1, 64))
+        a, b = test_rows[:1], test_rows[1:2]
+        np.testing.assert_allclose(
+            model.linear.logits(a + b) - model.linear.logits(zero),
+            model.linear.logits(a) + model.linear.logits(b) - 2 * model.linear.logits(zero),
+            atol=1e-9,
+        )
+
+    def test_same_seed_gives_the_same_model(self, model: DemoModel, test_rows: np.ndarray) -> None:
+        assert model.linear is not None
+        again = LinearModel.train(seed=0)
+        np.testing.assert_array_equal(
+            again.predict_proba(test_rows), model.linear.predict_proba(test_rows)
+        )
+
+    async def test_http_answers_are_exact(
+        self, client: Client, model: DemoModel, test_rows: np.ndarray
+    ) -> None:
+        assert model.linear is not None
+        response = await client.post(LINEAR_V1, json={"instances": test_rows[:20].tolist()})
+        assert response.status == 200
+        predictions = np.asarray((await response.json())["predictions"])
+        np.testing.assert_array_equal(predictions, model.linear.predict_proba(test_rows[:20]))
+        assert not np.array_equal(predictions, model.predict_proba(test_rows[:20]))
+        status = await client.get("/v1/models/digits-linear")
+        assert await status.json() == {"name": "digits-linear", "ready": True}
+
+    @pytest.mark.parametrize("body", [BAD_V1["nan"], BAD_V1["wrong-width"], BAD_V1["not-json"]])
+    async def test_bad_input_is_400(self, client: Client, body: bytes) -> None:
+        response = await client.post(LINEAR_V1, data=body)
+        assert response.status == 400
+        assert isinstance((await response.json())["error"], str)
+
+    async def test_kserve_v1_only_and_named_after_the_mlp(
+        self, model: DemoModel, test_rows: np.ndarray
+    ) -> None:
+        body = {"instances": test_rows[:1].tolist()}
+        async with TestClient(TestServer(build_app(model, name="mnist"))) as custom:
+            assert (await custom.post("/v1/models/mnist-linear:predict", json=body)).status == 200
+            assert (await custom.post(LINEAR_V1, json=body)).status == 404
+            assert (await custom.get("/v2/models/mnist-linear")).status == 404
+
+    async def test_absent_without_a_linear_model(
+        self, model: DemoModel, test_rows: np.ndarray
+    ) -> None:
+        alone = dataclasses.replace(model, linear=None)
+        async with TestClient(TestServer(build_app(alone))) as bare:
+            response = await bare.post(LINEAR_V1, json={"instances": test_rows[:1].tolist()})
+            assert response.status == 404
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max()
+    result: np.ndarray = shifted - np.log(np.exp(shifted).sum())
+    return result
+
+
+def logprob_body(prompt: str, **extra: Any) -> dict[str, Any]:
+    return chat_body(("user", prompt), logprobs=True, **extra)
+
+
+def answer_of(body: dict[str, Any]) -> dict[str, Any]:
+    return chat_completion(body, completion_id="c", created=0, default_model="m")
+
+
+class TestToyVocabulary:
+    """The toy's vocabulary is public and fixed: token strings map back to logit_bias ids."""
+
+    def test_ids_and_strings(self) -> None:
+        vocabulary = toy_vocabulary()
+        assert len(vocabulary) == len(set(vocabulary)) == TOY_VOCAB_SIZE
+        assert vocabulary[0] == UNK_TOKEN and vocabulary[1] == "baba"
+        assert all(token_id(token) == i for i, token in enumerate(vocabulary))
+        assert token_id("nonword") == 0
+
+    def test_logits_are_deterministic_per_prompt_and_position(self) -> None:
+        first = toy_logits("a b c", 0)
+        assert first.shape == (TOY_VOCAB_SIZE,)
+        np.testing.assert_array_equal(first, toy_logits("a b c", 0))
+        assert not np.allclose(first, toy_logits("a b c", 1))
+        assert not np.allclose(first, toy_logits("a b d", 0))
+        with pytest.raises(ValueError):
+            toy_logits("a", -1)
+
+    def test_logits_have_the_hidden_rank(self) -> None:
+        rows = np.asarray([toy_logits(f"prompt {i}", i % 3) for i in range(40)])
+        singular = np.linalg.svd(rows, compute_uv=False)
+        assert singular[TOY_HIDDEN_DIM - 1] > 1e-6 * singular[0]
+        assert singular[TOY_HIDDEN_DIM] < 1e-10 * singular[0]
+
+
+class TestToyLogprobs:
+    """Chat logprobs are log_softmax(W @ hidden + logit_bias), top_logprobs sorted, per position."""
+
+    PROMPT = "the quick baba fox"
+
+    def test_top_logprobs_are_the_log_softmax_of_the_logits(self) -> None:
+        answer = answer_of(logprob_body(self.PROMPT, top_logprobs=7))
+        content = answer["choices"][0]["logprobs"]["content"]
+        words = self.PROMPT.split()[::-1]
+        assert [entry["token"] for entry in content] == words
+        assert answer["choices"][0]["message"]["content"] == " ".join(words)
+        for position, entry in enumerate(content):
+            expected = log_softmax(toy_logits(self.PROMPT, position))
+            assert abs(np.exp(expected).sum() - 1.0) < 1e-9
+            top = entry["top_logprobs"]
+            assert len(top) == 7
+            values = [item["logprob"] for item in top]
+            assert values == sorted(values, reverse=True)
+            assert [token_id(item["token"]) for item in top] == list(np.argsort(-expected)[:7])
+            np.testing.assert_allclose(values, np.sort(expected)[::-1][:7], rtol=0, atol=1e-12)
+            assert entry["logprob"] == pytest.approx(expected[token_id(entry["token"])], abs=1e-12)
+            assert entry["bytes"] == list(entry["token"].encode())
+            assert all(item["bytes"] == list(item["token"].encode()) for item in top)
+        # "fox" (position 0) is scored as <unk>; "baba" (position 1) is token 1.
+        assert content[0]["logprob"] == log_softmax(toy_logits(self.PROMPT, 0))[0]
+        assert content[1]["logprob"] == log_softmax(toy_logits(self.PROMPT, 1))[1]
+
+    def test_helper_matches_the_answer(self) -> None:
+        answer = answer_of(logprob_body(self.PROMPT, top_logprobs=3, logit_bias={"9": -5}))
+        top = answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        lp = toy_logprobs(self.PROMPT, 0, {9: -5.0})
+        assert abs(np.exp(lp).sum() - 1.0) < 1e-9
+        assert [item["logprob"] for item in top] == pytest.approx(np.sort(lp)[::-1][:3], abs=1e-12)
+
+    def test_bias_moves_a_token_into_the_top_k(self) -> None:
+        logits = toy_logits(self.PROMPT, 0)
+        last = int(np.argmin(logits))
+        body = logprob_body(self.PROMPT, top_logprobs=5, logit_bias={str(last): 100})
+        top = answer_of(body)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        assert token_id(top[0]["token"]) == last
+        biased = logits.copy()
+        biased[last] += 100
+        assert top[0]["logprob"] == pytest.approx(log_softmax(biased)[last], abs=1e-12)
+        # The rest keep their order and their logit differences.
+        assert top[1]["logprob"] - top[2]["logprob"] == pytest.approx(
+            np.sort(logits)[-1] - np.sort(logits)[-2], abs=1e-9
+        )
+
+    def test_negative_bias_pushes_the_best_token_out(self) -> None:
+        best = int(np.argmax(toy_logits(self.PROMPT, 0)))
+        body = logprob_body(self.PROMPT, top_logprobs=20, logit_bias={str(best): -100.0})
+        top = answer_of(body)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        assert best not in {token_id(item["token"]) for item in top}
+
+    def test_logprobs_without_top_and_with_zero_top(self) -> None:
+        for body in (logprob_body("a b"), logprob_body("a b", top_logprobs=0)):
+            content = answer_of(body)["choices"][0]["logprobs"]["content"]
+            assert len(content) == 2 and all(entry["top_logprobs"] == [] for entry in content)
+
+    def test_logprobs_false_or_absent_adds_nothing(self) -> None:
+        for extra in ({}, {"logprobs": False}, {"logprobs": None}):
+            choice = answer_of(chat_body(("user", "a b"), **extra))["choices"][0]
+            assert "logprobs" not in choice
+
+    def test_every_choice_and_position_is_scored(self) -> None:
+        answer = answer_of(logprob_body("a b c d", top_logprobs=2, n=3, max_tokens=2))
+        contents = [choice["logprobs"]["content"] for choice in answer["choices"]]
+        assert contents[0] == contents[1] == contents[2]
+        assert [entry["token"] for entry in contents[0]] == ["d", "c"]
+
+    async def test_over_http(self, client: Client) -> None:
+        body = logprob_body(self.PROMPT, top_logprobs=20, logit_bias={"3": 100, "4": 99.5})
+        response = await client.post(CHAT_PATH, json=body)
+        assert response.status == 200
+        over_http = (await response.json())["choices"][0]["logprobs"]
+        assert over_http == answer_of(body)["choices"][0]["logprobs"]
+        top = over_http["content"][0]["top_logprobs"]
+        assert [item["token"] for item in top[:2]] == [toy_vocabulary()[3], toy_vocabulary()[4]]
+
+
+BAD_LOGPROBS: dict[str, dict[str, Any]] = {
+    "top-without-logprobs": {"top_logprobs": 3},
+    "top-with-logprobs-false": {"logprobs": False, "top_logprobs": 3},
+    "logprobs-not-bool": {"logprobs": "yes"},
+    "top-too-many": {"logprobs": True, "top_logprobs": 21},
+    "top-negative": {"logprobs": True, "top_logprobs": -1},
+    "top-string": {"logprobs": True, "top_logprobs": "3"},
+    "bias-list": {"logit_bias": [1, 2]},
+    "bias-key-word": {"logit_bias": {"baba": 1}},
+    "bias-key-negative": {"logit_bias": {"-1": 1}},
+    "bias-key-out-of-range": {"logit_bias": {str(TOY_VOCAB_SIZE): 1}},
+    "bias-key-other-digits": {"logit_bias": {"\u0663": 1}},
+    "bias-key-huge": {"logit_bias": {"9" * 5000: 1}},
+    "bias-too-big": {"logit_bias": {"1": 100.5}},
+    "bias-too-small": {"logit_bias": {"1": -101}},
+    "bias-string": {"logit_bias": {"1": "5"}},
+    "bias-bool": {"logit_bias": {"1": True}},
+    "bias-nan": {"logit_bias": {"1": float("nan")}},
+    "bias-huge-int": {"logit_bias": {"1": 10**400}},
+}
+
+
+class TestToyLogprobsBadInput:
+    """Bad logprobs and logit_bias fields get the 400 JSON error, as OpenAI refuses them."""
+
+    @pytest.mark.parametrize("extra", BAD_LOGPROBS.values(), ids=BAD_LOGPROBS.keys())
+    def test_refused(self, extra: dict[str, Any]) -> None:
+        with pytest.raises(BadInput):
+            answer_of(chat_body(("user", "a b"), **extra))
+
+    async def test_over_http(self, client: Client) -> None:
+        response = await client.post(CHAT_PATH, json=chat_body(("user", "a"), top_logprobs=2))
+        assert response.status == 400
+        assert "logprobs" in (await response.json())["error"]
+        nan = b'{"messages": [{"role": "user", "content": "a"}], "logit_bias": {"1": NaN}}'
+        assert (await client.post(CHAT_PATH, data=nan)).status == 400
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        fields=st.dictionaries(
+            st.sampled_from(["logprobs", "top_logprobs", "logit_bias"]),
+            st.none()
+            | st.booleans()
+            | st.integers()
+            | st.floats()
+            | st.text(max_size=4)
+            | st.dictionaries(st.text(max_size=4), st.integers() | st.floats() | st.text()),
+        )
+    )
+    def test_only_bad_input_is_raised(self, fields: dict[str, Any]) -> None:
+        try:
+            answer = answer_of(chat_body(("user", "a b \ud800"), **fields))
+        except BadInput:
+            return
+        if fields.get("logprobs") is True:
+            assert len(answer["choices"][0]["logprobs"]["content"]) == 3

@@ -23,6 +23,7 @@ from extauthz.protect.perturb import (
     restore_argmax,
     reverse_sigmoid,
     row_seeds,
+    wrong_classes,
 )
 
 FloatArray = npt.NDArray[np.float64]
@@ -533,3 +534,53 @@ class TestRowSeeds:
             row_seeds(NoiseContext(KEY, "a", [b"x"]), 2, b"")
         with pytest.raises(ValueError, match="key"):
             NoiseContext(b"short", "a", None)
+
+
+class TestMisinform:
+    """misinform answers each top class with one keyed wrong class; later steps keep it."""
+
+    def test_every_row_gets_the_wrong_class_of_its_top_class(self) -> None:
+        p = dirichlet(3, 5000, 10)
+        served = protect({"p": p}, OutputStep(policy="misinform")).outputs["p"]
+        top, wrong = np.argmax(p, axis=1), np.argmax(served, axis=1)
+        assert (wrong != top).all()
+        np.testing.assert_allclose(np.sort(served, axis=1), np.sort(p, axis=1))  # a swap only
+        mapping = wrong_classes(KEY, 10)
+        np.testing.assert_array_equal(wrong, mapping[top])  # one wrong class per top class
+
+    def test_the_map_is_keyed_and_shared_by_clients(self) -> None:
+        p = dirichlet(4, 200, 10)
+        step = OutputStep(policy="misinform")
+        inputs = np.arange(200, dtype=np.float64)[:, None]
+        alice = protect({"p": p}, step, ctx=ctx_for(inputs)).outputs["p"]
+        bob = protect({"p": p}, step, ctx=ctx_for(inputs, client="key:bob")).outputs["p"]
+        np.testing.assert_array_equal(alice, bob)  # Sybil accounts cannot average it away
+        assert (wrong_classes(KEY, 10) != wrong_classes(OTHER_KEY, 10)).any()
+        assert (wrong_classes(KEY, 10) != np.arange(10)).all()
+
+    def test_confident_rows_above_below_are_left(self) -> None:
+        p = np.array([[0.95, 0.03, 0.02], [0.5, 0.3, 0.2]])
+        served = protect({"p": p}, OutputStep(policy="misinform", below=0.9)).outputs["p"]
+        np.testing.assert_array_equal(served[0], p[0])
+        assert np.argmax(served[1]) != 0
+
+    def test_noise_and_rounding_after_it_keep_the_misinformed_class(self) -> None:
+        p = dirichlet(5, 3000, 10)
+        steps = (
+            OutputStep(policy="misinform"),
+            OutputStep(policy="keyed_noise", scale=1.0),
+            OutputStep(policy="round", decimals=1),
+        )
+        alone = protect({"p": p}, steps[0]).outputs["p"]
+        result = protect({"p": p}, *steps)
+        np.testing.assert_array_equal(
+            np.argmax(result.outputs["p"], axis=1), np.argmax(alone, axis=1)
+        )
+        assert result.top1_changed.all()
+
+    def test_scores_are_swapped_and_labels_untouched(self) -> None:
+        logits = np.array([[2.0, -1.0, 0.5]])
+        labels = np.array([1], dtype=np.int64)
+        result = protect({"logits": logits, "label": labels}, OutputStep(policy="misinform"))
+        assert np.argmax(result.outputs["logits"]) != 0
+        np.testing.assert_array_equal(result.outputs["label"], labels)

@@ -284,6 +284,31 @@ class TestKeysFile:
         assert load_policy(policy_path).digest != before
 
 
+class TestCoverageReference:
+    """detection.coverage_reference must exist (next to the policy) when detection is on."""
+
+    def test_missing_reference_is_a_policy_error(self, write_file: WriteFile) -> None:
+        policy_path = write_file(
+            "policy.yaml", "detection: {enabled: true, coverage_reference: ref.npy}\n"
+        )
+        with pytest.raises(PolicyError) as caught:
+            load_policy(policy_path)
+        assert caught.value.problems[0].startswith("detection.coverage_reference: no such file")
+
+    def test_reference_next_to_the_policy_loads(self, write_file: WriteFile) -> None:
+        write_file("conf/ref.npy", "placeholder")
+        policy_path = write_file(
+            "conf/policy.yaml", "detection: {enabled: true, coverage_reference: ref.npy}\n"
+        )
+        assert load_policy(policy_path).policy.detection.coverage_reference == "ref.npy"
+
+    def test_disabled_detection_does_not_need_it(self, write_file: WriteFile) -> None:
+        policy_path = write_file(
+            "policy.yaml", "detection: {enabled: false, coverage_reference: ref.npy}\n"
+        )
+        assert not load_policy(policy_path).policy.detection.enabled
+
+
 class TestRoutesAndDenyList:
     """route_for picks protected routes ignoring case; deny networks parse CIDRs."""
 

@@ -10,7 +10,15 @@ import pytest
 from extauthz.demo.model import DemoModel
 from extauthz.redteam.attacks import AttackResult, attack_split, make_source
 from extauthz.redteam.clone import CloneKind, accuracy, fidelity, labels_of, train_clone
-from extauthz.redteam.report import AttackReport, evaluate, to_json, to_table
+from extauthz.redteam.report import (
+    AttackReport,
+    BenignReport,
+    RunReport,
+    document,
+    evaluate,
+    to_json,
+    to_table,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +87,11 @@ class TestAttackSplit:
             make_source("nope", attack_split(0)[0], np.random.default_rng(0))
 
 
-def _result(answered: int, victim: DemoModel) -> AttackResult:
+def _result(answered: int, victim: DemoModel, attack: str = "knockoff") -> AttackResult:
     x = _knockoff(answered, seed=5)
+    scores = victim.predict_proba(x) if answered else np.empty((0, 10))
     return AttackResult(
-        attack="knockoff",
+        attack=attack,
         identities=2,
         sent=answered + 50,
         answered=answered,
@@ -91,7 +100,15 @@ def _result(answered: int, victim: DemoModel) -> AttackResult:
         challenges=1,
         statuses={200: 1},
         inputs=x,
-        labels=victim.predict_proba(x).argmax(axis=1) if answered else np.empty(0, np.int64),
+        labels=scores.argmax(axis=1),
+        scores=scores,
+        sent_before=np.arange(answered, dtype=np.int64) // 50 * 50,
+    )
+
+
+def _doc(*runs: RunReport) -> dict[str, object]:
+    return document(
+        runs, started="2026-11-28T00:00:00Z", seed=0, budget=450, batch=50, dialect="kserve_v1"
     )
 
 
@@ -102,21 +119,60 @@ class TestReport:
         _, x_eval, y_eval = attack_split(0)
         truth = victim.predict_proba(x_eval).argmax(axis=1)
         report = evaluate(_result(400, victim), x_eval, y_eval, truth)
-        row = json.loads(to_json([report]))["reports"][0]
+        doc = json.loads(to_json(_doc(RunReport("r", "http://x", [report]))))
+        row = doc["runs"][0]["attacks"][0]
+        assert doc["version"] == 2
         assert set(row) == set(AttackReport.__dataclass_fields__)
         assert row["sent"] == 450 and row["answered"] == 400 and row["first_refusal"] == 400
         assert row["fidelity_softmax"] > 0.8 and row["fidelity_mlp"] > 0.8
+        assert row["fidelity"] == max(row["fidelity_softmax"], row["fidelity_mlp"])
+
+    def test_curve_rises_with_the_answers_trained_on(self, victim: DemoModel) -> None:
+        _, x_eval, y_eval = attack_split(0)
+        truth = victim.predict_proba(x_eval).argmax(axis=1)
+        curve = evaluate(_result(400, victim), x_eval, y_eval, truth).curve
+        assert [p["answered"] for p in curve] == sorted(p["answered"] for p in curve)
+        assert curve[-1]["answered"] == 400 and curve[0]["answered"] <= 100
+        assert curve[-1]["fidelity"] > curve[0]["fidelity"]
+
+    def test_equation_solving_clone_comes_from_the_scores(self, victim: DemoModel) -> None:
+        _, x_eval, y_eval = attack_split(0)
+        truth = victim.predict_proba(x_eval).argmax(axis=1)
+        report = evaluate(_result(200, victim, "equation"), x_eval, y_eval, truth)
+        # A logistic model solved from an MLP's probabilities: usable but not exact.
+        assert report.fidelity_softmax is not None and 0.5 < report.fidelity_softmax < 1.0
 
     def test_no_answers_no_scores(self, victim: DemoModel) -> None:
         _, x_eval, y_eval = attack_split(0)
         report = evaluate(_result(0, victim), x_eval, y_eval, None)
         assert report.fidelity_mlp is None and report.accuracy_softmax is None
-        table = to_table([report])
-        assert table.splitlines()[0].split()[0] == "attack"
-        assert "knockoff" in table.splitlines()[1] and " -" in table
+        assert report.curve == [] and report.watermark is None
+        table = to_table(_doc(RunReport("solo", "http://x", [report])))
+        lines = table.splitlines()
+        assert lines[0].startswith("solo") and lines[1].split()[0] == "attack"
+        assert "knockoff (K=2)" in lines[2] and " -" in lines[2]
 
     def test_no_reference_leaves_fidelity_out_but_scores_accuracy(self, victim: DemoModel) -> None:
         _, x_eval, y_eval = attack_split(0)
         report = evaluate(_result(200, victim), x_eval, y_eval, None)
-        assert report.fidelity_softmax is None
+        assert report.fidelity_softmax is None and report.fidelity is None
         assert report.accuracy_softmax is not None and report.accuracy_softmax > 0.5
+
+    def test_side_by_side_table_shows_the_drop(self, victim: DemoModel) -> None:
+        _, x_eval, y_eval = attack_split(0)
+        truth = victim.predict_proba(x_eval).argmax(axis=1)
+        full = evaluate(_result(400, victim), x_eval, y_eval, truth)
+        few = evaluate(_result(20, victim), x_eval, y_eval, truth)
+        benign = BenignReport(5, 100, 100, 0, 0, 0.02, {"200": 20})
+        table = to_table(
+            _doc(
+                RunReport("open", "http://a", [full], benign),
+                RunReport("guarded", "http://b", [few]),
+            )
+        )
+        header, row = table.splitlines()[1:3]
+        assert "fidelity open" in header and "fidelity guarded" in header
+        drop = int(row.split()[4])
+        assert drop == round((full.fidelity - few.fidelity) * 100)  # type: ignore[operator]
+        assert drop > 5
+        assert "benign clients" in table and "2.00%" in table

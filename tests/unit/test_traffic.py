@@ -11,6 +11,7 @@ import pytest
 
 from extauthz.demo.model import load_data
 from extauthz.redteam.traffic import (
+    AdaptiveKnockoff,
     BenignClient,
     JacobianAttacker,
     LineSearchAttacker,
@@ -459,3 +460,159 @@ class TestSybilSplitter:
         split = [(b.lo, b.hi) for b in attacker.brackets()]
         assert split == [(b.lo, b.hi) for b in direct.brackets()]
         assert splitter.sent.sum() == 30
+
+
+def class_pool(per_class: int = 6) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+    """Return a pool whose class-c rows are all pixels ``c`` plus a row index offset below 0.5."""
+    labels = np.repeat(np.arange(10, dtype=np.int64), per_class)
+    offsets = np.tile(np.arange(per_class) / (2.0 * per_class), 10)
+    rows = labels[:, None] + offsets[:, None] + np.zeros((1, 64))
+    return rows.astype(np.float64), labels
+
+
+def pixel_class(batch: FloatArray) -> npt.NDArray[np.int64]:
+    """Return the class of each row of a ``class_pool`` row sent with small jitter."""
+    classes: npt.NDArray[np.int64] = np.floor(batch.mean(axis=1) + 0.1).astype(np.int64)
+    return classes
+
+
+def margin_oracle(favoured: int) -> Oracle:
+    """Answer with a 0.9 top-2 margin for rows of class ``favoured``, 0.1 for the others."""
+
+    def answer(batch: FloatArray) -> FloatArray:
+        scores = np.full((batch.shape[0], 10), 0.6 / 8)
+        scores[:, 0], scores[:, 1] = 0.25, 0.15
+        sure = pixel_class(batch) == favoured
+        scores[sure] = 0.0
+        scores[sure, 0], scores[sure, 1] = 0.95, 0.05
+        return scores
+
+    return answer
+
+
+class TestAdaptiveKnockoff:
+    """Knockoff's adaptive sampling sends pool rows of classes a gradient bandit learns to favour."""
+
+    def test_shape_range_and_determinism(
+        self, pool: tuple[FloatArray, npt.NDArray[np.int64]], oracle: Oracle
+    ) -> None:
+        x, y = pool
+        a = drive(AdaptiveKnockoff(x, y, rng=rng(1)), oracle, 4, 25)
+        b = drive(AdaptiveKnockoff(x, y, rng=rng(1)), oracle, 4, 25)
+        c = drive(AdaptiveKnockoff(x, y, rng=rng(2)), oracle, 4, 25)
+        assert all(batch.shape == (25, 64) and in_box(batch) for batch in a)
+        np.testing.assert_array_equal(np.concatenate(a), np.concatenate(b))
+        assert not np.array_equal(np.concatenate(a), np.concatenate(c))
+        assert AdaptiveKnockoff(x, y, rng=rng()).next_batch(0).shape == (0, 64)
+
+    def test_jitter_is_clipped_to_the_box(self) -> None:
+        x, y = np.full((4, 64), 16.0), np.zeros(4, dtype=np.int64)
+        batch = AdaptiveKnockoff(x, y, rng=rng(), jitter=5.0).next_batch(50)
+        assert in_box(batch)
+        assert (batch < 16).mean() > 0.3  # noise was added, then clipped
+
+    def test_each_row_of_a_class_once_before_any_repeat(self) -> None:
+        x, y = class_pool(per_class=7)
+        attacker = AdaptiveKnockoff(x[y == 4], y[y == 4], rng=rng(), jitter=0.0)
+        first, second = attacker.next_batch(7), attacker.next_batch(7)
+        for batch in (first, second):
+            np.testing.assert_array_equal(np.unique(batch, axis=0), np.unique(x[y == 4], axis=0))
+        assert not np.array_equal(first, second)  # the class was reshuffled
+
+    def test_starts_uniform_and_stays_so_without_answers(self) -> None:
+        x, y = class_pool()
+        attacker = AdaptiveKnockoff(x, y, rng=rng())
+        np.testing.assert_array_equal(attacker.classes, np.arange(10))
+        for _ in range(3):
+            attacker.next_batch(20)
+        np.testing.assert_allclose(attacker.policy, np.full(10, 0.1))
+
+    def test_policy_moves_to_the_class_with_high_margins(self) -> None:
+        x, y = class_pool()
+        attacker = AdaptiveKnockoff(x, y, rng=rng(3), jitter=0.05)
+        sent = drive(attacker, margin_oracle(favoured=3), batches=15, n=40)
+        assert attacker.policy[3] > 0.5
+        assert attacker.policy.argmax() == 3
+        early, late = pixel_class(sent[0]), pixel_class(sent[-1])
+        assert (late == 3).mean() > (early == 3).mean() + 0.3
+        assert 0.05 < attacker.mean_reward < 0.95
+
+    def test_label_only_answers_reward_disagreement(self) -> None:
+        x, y = class_pool()
+        attacker = AdaptiveKnockoff(x, y, rng=rng(4), jitter=0.05)
+
+        def labels(batch: FloatArray) -> FloatArray:
+            truth = pixel_class(batch)
+            return np.where(truth == 7, 1, truth).astype(np.float64)  # disagrees only on 7s
+
+        drive(attacker, labels, batches=15, n=40)
+        assert attacker.policy.argmax() == 7
+        assert attacker.policy[7] > 0.5
+
+    def test_div_reward_ignores_margins(self) -> None:
+        x, y = class_pool()
+        attacker = AdaptiveKnockoff(x, y, rng=rng(3), jitter=0.05, reward="div")
+        favour_three = margin_oracle(favoured=3)
+
+        def scores(batch: FloatArray) -> FloatArray:
+            # Argmax is the row's own class everywhere: no disagreement, whatever the margin.
+            answers = favour_three(batch)
+            answers[np.arange(batch.shape[0]), pixel_class(batch)] = 2.0
+            return answers
+
+        drive(attacker, scores, batches=10, n=40)
+        np.testing.assert_allclose(attacker.policy, np.full(10, 0.1))
+
+    def test_update_is_the_gradient_bandit_step(self) -> None:
+        x, y = class_pool(per_class=3)
+        attacker = AdaptiveKnockoff(x[y < 2], y[y < 2], rng=rng(5), jitter=0.0, step_size=0.5)
+        batch = attacker.next_batch(8)
+        action = pixel_class(batch)
+        rewards = np.where(action == 1, 0.8, 0.2) + np.arange(8) / 100
+        scores = np.stack([0.5 + rewards / 2, 0.5 - rewards / 2], axis=1)
+        attacker.observe(batch, scores)
+        advantage = rewards - rewards.mean()  # first batch: its own mean is the baseline
+        onehot = (action[:, None] == np.arange(2)).astype(np.float64)
+        h = 0.5 * (advantage[:, None] * (onehot - 0.5)).sum(axis=0)
+        np.testing.assert_allclose(attacker.policy, np.exp(h) / np.exp(h).sum())
+        assert attacker.mean_reward == pytest.approx(rewards.mean())
+        # A later batch with the same reward for every row moves H by (r - r̄) on no net class.
+        before = attacker.policy
+        batch = attacker.next_batch(6)
+        attacker.observe(
+            batch, np.tile([0.5 + rewards.mean() / 2, 0.5 - rewards.mean() / 2], (6, 1))
+        )
+        np.testing.assert_allclose(attacker.policy, before)
+
+    def test_observe_refuses_answers_to_another_batch(self) -> None:
+        x, y = class_pool()
+        attacker = AdaptiveKnockoff(x, y, rng=rng())
+        with pytest.raises(ValueError, match="pending"):
+            attacker.observe(np.zeros((4, 64)), np.zeros((4, 10)))
+        batch = attacker.next_batch(4)
+        with pytest.raises(ValueError, match="last batch"):
+            attacker.observe(batch + 1, np.zeros((4, 10)))
+        with pytest.raises(ValueError, match="shape"):
+            attacker.observe(batch, np.zeros((3, 10)))
+
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"jitter": -0.1}, "jitter"),
+            ({"step_size": 0.0}, "step_size"),
+            ({"reward": "loss"}, "reward"),
+        ],
+    )
+    def test_rejects_bad_settings(self, kwargs: dict[str, object], match: str) -> None:
+        x, y = class_pool()
+        with pytest.raises(ValueError, match=match):
+            AdaptiveKnockoff(x, y, rng=rng(), **kwargs)  # type: ignore[arg-type]
+
+    def test_rejects_bad_pools_and_labels(self) -> None:
+        x, y = class_pool()
+        with pytest.raises(ValueError, match="labels"):
+            AdaptiveKnockoff(x, y[:-1], rng=rng())
+        with pytest.raises(ValueError, match="labels"):
+            AdaptiveKnockoff(x, -y - 1, rng=rng())
+        with pytest.raises(ValueError, match="pool"):
+            AdaptiveKnockoff(x[:, :10], y, rng=rng())
