@@ -291,9 +291,16 @@ def run_red_team(
         benign_client_ids=[f"key:user-{i:02d}" for i in range(len(USER_KEYS))],
     )
     keyring = KeyRing.from_file(stack.workdir / "keys.yaml")
+    noise_key = (stack.workdir / "noise.key").read_bytes().strip()
     with AdminClient(stack.admin_target, stack.admin_token) as admin:
         defended = run_campaign(
-            defended_endpoint, plan, reference, admin=admin, keyring=keyring, say=say
+            defended_endpoint,
+            plan,
+            reference,
+            admin=admin,
+            keyring=keyring,
+            noise_key=noise_key,
+            say=say,
         )
     runs = [undefended, defended]
     doc = document(

@@ -32,11 +32,12 @@ class DemoFiles:
 
     policy: Path
     keys_file: Path
+    noise_key_file: Path
 
     @property
     def guard_args(self) -> list[str]:
-        """Return the ``extauthz serve`` flags that load the key ring."""
-        return ["--keys-file", str(self.keys_file)]
+        """Return the ``extauthz serve`` flags that load the keys."""
+        return ["--keys-file", str(self.keys_file), "--noise-key-file", str(self.noise_key_file)]
 
 
 def prepare(workdir: Path, *, seed: int = 0) -> DemoFiles:
@@ -50,4 +51,7 @@ def prepare(workdir: Path, *, seed: int = 0) -> DemoFiles:
     keys_file = workdir / "keys.yaml"
     keys_file.write_text(f"current: demo1\nkeys: {{demo1: {secrets.token_hex(32)}}}\n")
     keys_file.chmod(0o600)
-    return DemoFiles(policy=policy, keys_file=keys_file)
+    noise_key_file = workdir / "noise.key"
+    noise_key_file.write_text(secrets.token_hex(32) + "\n")
+    noise_key_file.chmod(0o600)
+    return DemoFiles(policy=policy, keys_file=keys_file, noise_key_file=noise_key_file)

@@ -3,7 +3,10 @@
 Reads the evidence ledger (JSONL, from ``extauthz admin export-evidence``), asks the suspect
 about the ledger's inputs (an HTTP endpoint in a supported dialect, or a JSONL file of its
 predictions), and for each mark prints the statistic, the rate expected by chance (calibrated with
-decoy keys) and a p-value, then a combined p-value and a verdict.
+decoy keys) and a p-value, then a combined p-value and a verdict. With ``--probe`` inputs the
+soft mark is tested too, and with ``--model-url`` (the protected model itself, unguarded) and
+``--noise-key-file`` the misinformation mark: whether the suspect answers the guard's keyed wrong
+classes where the model answers the right ones.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from extauthz.evidence.verify import (
     combine_p_values,
     decoy_labels,
     verify_label_marks,
+    verify_misinformation,
     verify_soft_mark,
 )
 from extauthz.keys import KeyRing
@@ -104,7 +108,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--probe", type=Path, help=".npy of inputs to test the soft mark on (with --suspect-url)"
     )
+    parser.add_argument(
+        "--model-url", help="the protected model, unguarded: labels the probe (misinformation mark)"
+    )
+    parser.add_argument(
+        "--noise-key-file", type=Path, help="the guard's noise key (misinformation mark)"
+    )
     args = parser.parse_args(argv)
+    if (args.model_url or args.noise_key_file) and not (
+        args.model_url and args.noise_key_file and args.probe and args.suspect_url
+    ):
+        parser.error(
+            "the misinformation mark needs --model-url, --noise-key-file, --probe and --suspect-url"
+        )
 
     keys = KeyRing.from_file(args.keys_file)
     records = import_jsonl(args.evidence.read_text().splitlines())
@@ -121,11 +137,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     evidence = [label_evidence(records, keys, suspect)]
     if args.probe and args.suspect_url:
         probe = np.load(args.probe).astype(np.float64)
-        evidence.append(
-            verify_soft_mark(
-                ask_suspect(args.suspect_url, args.dialect, probe), probe, keys, kid=records[0].kid
+        suspect_probe = ask_suspect(args.suspect_url, args.dialect, probe)
+        evidence.append(verify_soft_mark(suspect_probe, probe, keys, kid=records[0].kid))
+        if args.model_url and args.noise_key_file:
+            model = ask_suspect(args.model_url, args.dialect, probe)
+            evidence.append(
+                verify_misinformation(
+                    suspect_probe.argmax(axis=1),
+                    model.argmax(axis=1),
+                    args.noise_key_file.read_bytes().strip(),
+                    suspect_probe.shape[1],
+                )
             )
-        )
     combined = combine_p_values([e.p_value for e in evidence])
     clients = sorted({r.client_id for r in records})
     print(

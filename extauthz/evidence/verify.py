@@ -26,6 +26,7 @@ import numpy.typing as npt
 from scipy import signal, stats
 
 from extauthz.keys import KeyRing
+from extauthz.protect.perturb import wrong_classes
 from extauthz.protect.watermark import marked_label, soft_key
 
 __all__ = [
@@ -159,6 +160,51 @@ def verify_soft_mark(
         return MarkEvidence("soft", float(power[0]), 0.0, 1.0, n, key.kid)
     p = math.exp(-float(power[0]) / level)
     return MarkEvidence("soft", float(power[0]), level, max(p, P_FLOOR), n, key.kid)
+
+
+#: Probe inputs a class needs before its majority answer counts in the misinformation test.
+MIN_PER_CLASS: Final = 5
+
+
+def verify_misinformation(
+    suspect_labels: npt.ArrayLike,
+    model_labels: npt.ArrayLike,
+    key: bytes,
+    classes: int,
+    *,
+    min_per_class: int = MIN_PER_CLASS,
+) -> MarkEvidence:
+    """Test whether the suspect answers the key's misinformation map of the model's classes.
+
+    A clone trained on ``misinform`` answers learns ``wrong[c]`` where the model says ``c``. Per
+    class ``c`` (among probe inputs the model labels ``c``, at least ``min_per_class`` of them)
+    the suspect's most frequent answer is compared with ``wrong[c]``; the statistic is the share
+    of classes that match. A model unrelated to the key matches each with chance ``1 / (K - 1)``
+    at most (``wrong[c]`` is uniform over the other classes, and an honest model's majority is
+    ``c`` itself, which never matches), so ``p = P(Binomial(K', 1 / (K - 1)) >= matches)``. The
+    test is per class, not per input: an honest model that confuses one pair of classes matches
+    at most one class, never hundreds of inputs.
+    """
+    suspect = np.asarray(suspect_labels, dtype=np.int64).ravel()
+    model = np.asarray(model_labels, dtype=np.int64).ravel()
+    if suspect.shape != model.shape:
+        raise ValueError("suspect and model labels must have the same length")
+    if classes < 3:
+        return MarkEvidence("misinform", 0.0, 0.0, 1.0, 0)
+    wrong = wrong_classes(key, classes)
+    tested = matched = 0
+    for c in range(classes):
+        answers = suspect[model == c]
+        if answers.size < min_per_class:
+            continue
+        tested += 1
+        counts = np.bincount(answers[(answers >= 0) & (answers < classes)], minlength=classes)
+        matched += int(np.argmax(counts) == wrong[c] and counts[wrong[c]] > 0)
+    if tested == 0:
+        return MarkEvidence("misinform", 0.0, 0.0, 1.0, 0)
+    chance = 1.0 / (classes - 1)
+    p = float(stats.binom.sf(matched - 1, tested, chance)) if matched else 1.0
+    return MarkEvidence("misinform", matched / tested, chance, max(p, P_FLOOR), tested)
 
 
 def combine_p_values(ps: Sequence[float]) -> float:

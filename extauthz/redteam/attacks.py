@@ -98,6 +98,8 @@ class AttackResult:
     """Instances answered with 200 and readable predictions."""
     first_refusal: int | None
     """Instances sent before the first refusal (status != 200) or solved challenge; None if none."""
+    first_refusal_by_identity: tuple[int | None, ...]
+    """Per identity: the instances it had sent itself before its first refusal or challenge."""
     work_s: float
     """Seconds spent solving proof-of-work challenges, over all identities."""
     challenges: int
@@ -269,6 +271,8 @@ def run_attack(
         session.max_wait_s = max_wait_s
     sent = 0
     first_refusal: int | None = None
+    sent_by = [0] * identities
+    first_by: list[int | None] = [None] * identities
     refused_in_a_row = 0
     statuses: dict[int, int] = {}
     inputs: list[FloatArray] = []
@@ -284,9 +288,13 @@ def run_attack(
             )
             statuses[response.status] = statuses.get(response.status, 0) + 1
             answers = read_scores(response, step.inputs.shape[0])
-            if first_refusal is None and (answers is None or session.solved > solved):
+            refused = answers is None or session.solved > solved
+            if first_refusal is None and refused:
                 first_refusal = sent
+            if first_by[step.identity] is None and refused:
+                first_by[step.identity] = sent_by[step.identity]
             n = step.inputs.shape[0]
+            sent_by[step.identity] += n
             if answers is not None:
                 sent_before.append(np.full(n, sent, dtype=np.int64))
             sent += n
@@ -308,6 +316,7 @@ def run_attack(
         sent=sent,
         answered=sum(x.shape[0] for x in inputs),
         first_refusal=first_refusal,
+        first_refusal_by_identity=tuple(first_by),
         work_s=sum(s.work_s for s in sessions),
         challenges=sum(s.solved for s in sessions),
         statuses=statuses,

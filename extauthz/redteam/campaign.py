@@ -188,7 +188,13 @@ class _RiskSampler:
 
 
 def _watermark_check(
-    admin: AdminClient | None, keyring: KeyRing | None, client_ids: Sequence[str], probe: Any
+    admin: AdminClient | None,
+    keyring: KeyRing | None,
+    client_ids: Sequence[str],
+    probe: Any,
+    *,
+    noise_key: bytes | None,
+    probe_labels: npt.NDArray[np.int64] | None,
 ) -> Callable[[Clone, AttackResult], dict[str, Any] | None] | None:
     if admin is None or keyring is None or not client_ids:
         return None
@@ -199,13 +205,22 @@ def _watermark_check(
             for client_id in client_ids
             for record in import_jsonl(admin.export_evidence(client_id))
         ]
-        verdict = check_clone(clone, records, keyring, probe, n_classes=N_CLASSES)
+        verdict = check_clone(
+            clone,
+            records,
+            keyring,
+            probe,
+            n_classes=N_CLASSES,
+            noise_key=noise_key,
+            probe_labels=probe_labels,
+        )
         if verdict is None:
             return None
         return {
             "verdict": verdict.verdict,
             "p_value": float(f"{verdict.p_value:.3g}"),
             "checked": verdict.checked,
+            "marks": {name: float(f"{p:.3g}") for name, p in verdict.marks.items()},
         }
 
     return check
@@ -222,6 +237,7 @@ def _probe_report(
         sent=result.sent,
         answered=result.answered,
         first_refusal=result.first_refusal,
+        first_refusal_by_identity=[result.first_refusal],
         work_s=round(result.work_s, 3),
         challenges=result.challenges,
         statuses={str(k): v for k, v in sorted(result.statuses.items())},
@@ -254,9 +270,14 @@ def run_campaign(
     *,
     admin: AdminClient | None = None,
     keyring: KeyRing | None = None,
+    noise_key: bytes | None = None,
     say: Say | None = None,
 ) -> RunReport:
-    """Run ``plan`` against ``endpoint``; score clones against ``reference``; return the run."""
+    """Run ``plan`` against ``endpoint``; score clones against ``reference``; return the run.
+
+    With ``admin`` and ``keyring`` each clone gets a watermark verdict; ``noise_key`` (the
+    guard's ``--noise-key-file``) adds the misinformation mark.
+    """
     data = attack_data(plan.seed)
     jobs = [(name, plan.identities) for name in plan.attacks]
     jobs += [(name, plan.sybil_identities) for name in plan.sybil if name != PROBE]
@@ -319,7 +340,14 @@ def run_campaign(
                 reference.labels.get(path),
                 seed=plan.seed,
                 target=path,
-                watermark=_watermark_check(admin, keyring, ids, data.x_eval),
+                watermark=_watermark_check(
+                    admin,
+                    keyring,
+                    ids,
+                    data.x_eval,
+                    noise_key=noise_key,
+                    probe_labels=reference.labels.get(path),
+                ),
                 risk=sampler.samples,
             )
         progress.close(_summary(report))

@@ -6,13 +6,15 @@
                      [--benign-clients C] [--benign-queries N] [--benign-keys ...]
                      [--reference URL] [--equation-path PATH]
                      [--admin HOST:PORT --admin-token-file F] [--keys-file F]
+                     [--noise-key-file F]
                      [--seed S] [--no-wait] [--json FILE] [--html FILE]
 
 Fidelity needs the victim's own answers on the evaluation set: they are read from
 ``--reference`` (an unguarded endpoint of the same model) when given, else from the target
 itself before the attacks, with the first key; if that is refused, fidelity is left out. With
 ``--admin`` (the guard's gRPC address) the run records each client's risk after every request,
-and with ``--keys-file`` too it checks every clone against the evidence ledger. Prints the table;
+and with ``--keys-file`` too it checks every clone against the evidence ledger (``--noise-key-file``
+adds the misinformation mark). Prints the table;
 writes the JSON report (schema in the README) and a self-contained HTML report with plots.
 """
 
@@ -92,6 +94,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--admin", help="the guard's gRPC address, for risk samples and evidence")
     parser.add_argument("--admin-token-file", type=Path)
     parser.add_argument("--keys-file", type=Path, help="the guard's key ring, for watermarks")
+    parser.add_argument(
+        "--noise-key-file", type=Path, help="the guard's noise key, for the misinformation mark"
+    )
     parser.add_argument("--label", default="target", help="the run's name in the report")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-wait", action="store_true", help="do not honour Retry-After")
@@ -118,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_url, path = base_url_of(args.target)
         reference_url = base_url_of(args.reference)[0] if args.reference else None
         keyring = KeyRing.from_file(args.keys_file) if args.keys_file else None
+        noise_key = args.noise_key_file.read_bytes().strip() if args.noise_key_file else None
         token = args.admin_token_file.read_text().strip() if args.admin_token_file else None
     except (ValueError, OSError) as exc:
         print(f"extauthz redteam: {exc}", file=sys.stderr)
@@ -160,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (RuntimeError, OSError) as exc:
             say(f"extauthz redteam: no reference answers, fidelity left out: {exc}")
             reference = reference_for(plan, None)
-        run = run_campaign(endpoint, plan, reference, admin=admin, keyring=keyring, say=say)
+        run = run_campaign(
+            endpoint, plan, reference, admin=admin, keyring=keyring, noise_key=noise_key, say=say
+        )
     except (ValueError, OSError) as exc:
         print(f"extauthz redteam: {exc}", file=sys.stderr)
         return 1

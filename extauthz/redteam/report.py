@@ -53,6 +53,8 @@ class AttackReport:
     sent: int
     answered: int
     first_refusal: int | None
+    first_refusal_by_identity: list[int | None]
+    """Per identity, the instances it sent itself before its first refusal or challenge."""
     work_s: float
     challenges: int
     statuses: dict[str, int]
@@ -165,6 +167,7 @@ def evaluate(
         sent=result.sent,
         answered=result.answered,
         first_refusal=result.first_refusal,
+        first_refusal_by_identity=list(result.first_refusal_by_identity),
         work_s=round(result.work_s, 3),
         challenges=result.challenges,
         statuses={str(k): v for k, v in sorted(result.statuses.items())},

@@ -8,8 +8,9 @@ Prints the side-by-side table, then one line per criterion (PASS or FAIL with th
 - every synthetic attack (uniform, jacobian, linesearch, equation, logprob_probe) is refused or
   challenged within 300 instances, and its clone's fidelity is at least 20 points under the
   undefended baseline at the same budget;
-- the Sybil variant (jacobian over 4 keys): the same two figures, the first counted over all
-  its identities together;
+- the Sybil variant (jacobian over 4 keys): the same two figures, the first counted per
+  identity (the instances each key sent itself, as issue 6's Sybil test counts them; the total
+  over all keys is printed beside it);
 - each natural-data attack (knockoff, knockoff-adaptive) has its clone verified as stolen
   (p < 1e-6) or is refused before 2,000 answers;
 - the benign clients, sending as many instances as an attack, see no refusals.
@@ -62,11 +63,19 @@ def criteria(runs: Sequence[RunReport], budget: int) -> list[tuple[bool, str]]:
     lines = [_synthetic(_find(base, a), _find(guarded, a), a) for a in SYNTHETIC]
     sybil = [a for a in guarded.attacks if a.identities > 1]
     for attack in sybil:
+        base_attack = _find(base, attack.attack, attack.identities)
+        per_key = attack.first_refusal_by_identity
+        caught = all(n is not None and n <= WITHIN for n in per_key)
+        drop = None
+        if base_attack.fidelity is not None and attack.fidelity is not None:
+            drop = base_attack.fidelity - attack.fidelity
+        drop_text = "-" if drop is None else f"{drop * 100:.0f} pts"
         lines.append(
-            _synthetic(
-                _find(base, attack.attack, attack.identities),
-                attack,
-                f"{attack.attack} (K={attack.identities}, counted over all identities)",
+            (
+                caught and drop is not None and drop >= DROP,
+                f"{attack.attack} (K={attack.identities}): first refusal/challenge per key at "
+                f"{per_key} (each <= {WITHIN}; {attack.first_refusal} over all keys), fidelity "
+                f"{base_attack.fidelity} -> {attack.fidelity} (drop {drop_text}, >= {DROP * 100:.0f})",
             )
         )
     for name in NATURAL:

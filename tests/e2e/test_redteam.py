@@ -40,6 +40,7 @@ def _guard_flags(stack: LocalStack) -> list[str]:
         "--admin", stack.admin_target,
         "--admin-token-file", str(stack.admin_token_file),
         "--keys-file", str(stack.workdir / "keys.yaml"),
+        "--noise-key-file", str(stack.workdir / "noise.key"),
     ]  # fmt: skip
 
 

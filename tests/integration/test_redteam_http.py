@@ -68,6 +68,7 @@ class TestAttacksOverHttp:
         )
         assert result.sent == result.answered == 200
         assert result.first_refusal is None and result.work_s == 0.0
+        assert result.first_refusal_by_identity == (None,) * identities
         assert result.inputs.shape == (200, 64) and result.labels.shape == (200,)
         assert result.statuses == {200: 7}  # ceil(200 / 30) batches
 

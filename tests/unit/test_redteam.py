@@ -96,6 +96,7 @@ def _result(answered: int, victim: DemoModel, attack: str = "knockoff") -> Attac
         sent=answered + 50,
         answered=answered,
         first_refusal=answered if answered else 0,
+        first_refusal_by_identity=(answered, None),
         work_s=0.25,
         challenges=1,
         statuses={200: 1},
