@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 
-.PHONY: demo test test-unit test-integration test-e2e bench redteam proto proto-check lint redis wrk browser clean
+.PHONY: demo test test-unit test-integration test-e2e bench redteam proto proto-check lint redis wrk browser promtool clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ redis:
 browser:
 	@command -v chromium >/dev/null 2>&1 || { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq chromium; }
 
+# promtool checks and unit-tests the PrometheusRule alerts and the dashboard's queries.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq --no-install-recommends prometheus; }
+
 wrk:
 	@command -v wrk >/dev/null 2>&1 || { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq wrk; }
 
@@ -28,14 +32,14 @@ demo: $(STAMP)
 	$(BIN)/python -m extauthz demo $(if $(KEEP),--keep) $(if $(SEED),--seed $(SEED)) $(if $(BUDGET),--budget $(BUDGET))
 
 # The suite, then the lint that keeps the package strictly typed (ruff + mypy strict).
-test: $(STAMP) redis browser
+test: $(STAMP) redis browser promtool
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 	$(MAKE) --no-print-directory lint
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-test-integration: $(STAMP) redis
+test-integration: $(STAMP) redis promtool
 	$(BIN)/python -m pytest -q tests/integration
 
 test-e2e: $(STAMP)

@@ -17,6 +17,7 @@ from extauthz.core.identity import RequestInfo
 from extauthz.policy.loader import Snapshot
 from extauthz.service import envoy
 from extauthz.telemetry import metrics
+from extauthz.telemetry.logs import log_decision
 
 log = structlog.get_logger("extauthz.check")
 
@@ -43,7 +44,9 @@ def request_from_check(request: auth_pb2.CheckRequest, snapshot: Snapshot) -> Re
         path=http.path or "/",
         method=http.method or "GET",
         jwt_payload=jwt_payload,
-        request_id=http.id or headers.get("x-request-id", ""),
+        # Envoy fills `http.id` with its internal stream id; x-request-id is the id the access
+        # log, ext_proc and the upstream see, so it comes first.
+        request_id=headers.get("x-request-id", "") or http.id,
     )
 
 
@@ -73,9 +76,23 @@ class AuthorizationService(auth_grpc.AuthorizationServicer):
             log.exception("check_failed")
             body = envoy.error_body("internal_error", "the guard failed to decide")
             return envoy.check_denied(503, [("content-type", "application/json")], body)
-        metrics.DECISION_SECONDS.labels("check").observe(time.perf_counter() - started)
-        metrics.DECISIONS.labels("check", decision.action.value, decision.identity.tier).inc()
-        _log_decision(decision, info.request_id)
+        elapsed = time.perf_counter() - started
+        metrics.DECISION_SECONDS.labels("check").observe(elapsed)
+        metrics.DECISIONS.labels(
+            "check",
+            decision.action.value,
+            decision.identity.tier,
+            metrics.reason_label(decision.reasons),
+        ).inc()
+        log_decision(
+            "check",
+            decision,
+            request_id=info.request_id,
+            path=info.path,
+            route=_route_prefix(snapshot, info.path),
+            status=200 if decision.allowed else decision.status,
+            duration_s=elapsed,
+        )
         return response
 
 
@@ -118,18 +135,6 @@ def answer(
     return envoy.check_denied(status, headers, body, envoy.decision_struct(decision))
 
 
-def _log_decision(decision: Decision, request_id: str) -> None:
-    fields = {
-        "client": decision.identity.client_id,
-        "tier": decision.identity.tier,
-        "level": decision.level.label,
-        "action": decision.action.value,
-        "reasons": decision.reasons,
-        "request_id": request_id,
-    }
-    if not decision.enforced and decision.action.value != "allow":
-        log.info("check_shadow_refusal", **fields)
-    elif decision.allowed:
-        log.debug("check_decided", **fields)
-    else:
-        log.info("check_decided", **fields)
+def _route_prefix(snapshot: Snapshot, path: str) -> str:
+    route = snapshot.policy.route_for(path.split("?", 1)[0])
+    return route.prefix if route is not None else ""

@@ -51,6 +51,7 @@ from extauthz.protect.pipeline import Marks, RequestKey, quantum_of, request_key
 from extauthz.protect.watermark import LabelMarks, watermark_rows
 from extauthz.service import envoy
 from extauthz.telemetry import metrics
+from extauthz.telemetry.logs import log_decision
 
 log = structlog.get_logger("extauthz.ext_proc")
 
@@ -101,6 +102,10 @@ class _StreamState:
     parsed_request: ParsedRequest | None = None
     detect: bool = False
     done: bool = False
+    # For the audit line: the guard's own time, and the status and code of an immediate answer.
+    busy_s: float = 0.0
+    answered_status: int = 0
+    refusal: str = ""
 
 
 class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
@@ -142,6 +147,9 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                     continue
                 if response.HasField("immediate_response"):
                     outcome = "immediate"
+                    immediate = response.immediate_response
+                    state.answered_status = int(immediate.status.code)
+                    state.refusal = immediate.details.removeprefix("extauthz_")
                 elif state.route is not None:
                     outcome = "complete"
                 yield response
@@ -152,6 +160,8 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             raise
         finally:
             metrics.STREAMS.labels(outcome).inc()
+            if state.decision is not None:
+                _log_stream(state)
 
     async def _handle(
         self, message: proc_pb2.ProcessingRequest, state: _StreamState
@@ -184,9 +194,9 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 return envoy.immediate(500, _JSON_HEADERS, body, details="extauthz_internal_error")
             return envoy.continue_response(phase)
         finally:
-            metrics.DECISION_SECONDS.labels(f"ext_proc_{phase}").observe(
-                time.perf_counter() - started
-            )
+            elapsed = time.perf_counter() - started
+            state.busy_s += elapsed
+            metrics.DECISION_SECONDS.labels(f"ext_proc_{phase}").observe(elapsed)
 
     # --- request_headers ------------------------------------------------------------------------
 
@@ -235,7 +245,12 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         state.identity = decision.identity
         state.level = decision.level
         state.decision = decision
-        metrics.DECISIONS.labels("ext_proc", decision.action.value, decision.identity.tier).inc()
+        metrics.DECISIONS.labels(
+            "ext_proc",
+            decision.action.value,
+            decision.identity.tier,
+            metrics.reason_label(decision.reasons),
+        ).inc()
         metadata = {envoy.EXT_PROC_NAMESPACE: envoy.decision_struct(decision)}
         if not decision.allowed:
             state.done = True
@@ -403,7 +418,10 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             if not decision.allowed:
                 state.done = True
                 metrics.DECISIONS.labels(
-                    "ext_proc", decision.action.value, decision.identity.tier
+                    "ext_proc",
+                    decision.action.value,
+                    decision.identity.tier,
+                    metrics.reason_label(decision.reasons),
                 ).inc()
                 status, refusal_headers, body = self._refusal(decision, state)
                 return envoy.immediate(
@@ -627,6 +645,35 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             remove=["content-encoding"] if state.response_encoding not in ("", "identity") else [],
         )
         return envoy.continue_response("response_body", mutation=mutation, body=new_body)
+
+
+# What a refusal made after the verdict (by its immediate answer's code) means as an action.
+_LATE_REFUSALS = {"rate_limited": Action.THROTTLE.value, "challenge": Action.CHALLENGE.value}
+
+
+def _log_stream(state: _StreamState) -> None:
+    """Write the stream's audit line: its verdict, or the later refusal that overrode it."""
+    decision = state.decision
+    assert decision is not None
+    action: str | None = None
+    reasons: tuple[str, ...] | None = None
+    if state.refusal and decision.allowed:
+        # Refused after an allowing verdict: a body the guard cannot read, an LLM request
+        # rule, a pass without budget left, an instance limit on gRPC, an internal error.
+        action = _LATE_REFUSALS.get(state.refusal, Action.BLOCK.value)
+        reasons = (state.refusal, *decision.reasons)
+    log_decision(
+        "process",
+        decision,
+        request_id=state.request_id,
+        path=state.request_headers.get(":path", ""),
+        route=state.route.prefix if state.route is not None else "",
+        status=state.answered_status or state.response_status,
+        duration_s=state.busy_s,
+        instances=state.instances,
+        action=action,
+        reasons=reasons,
+    )
 
 
 def decode_body(data: bytes, encoding: str, *, limit: int) -> bytes:

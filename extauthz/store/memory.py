@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import heapq
 import math
 from collections import OrderedDict
@@ -15,7 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from extauthz.core.limiter import LimitCharge, LimitState, evaluate
-from extauthz.store.base import ClientRecord, DetectionState
+from extauthz.store.base import ClientRecord, DetectionState, StoreError
+from extauthz.telemetry import metrics
+
+# Every call is timed by op (extauthz_store_seconds); the embedded store never fails.
+_timed = functools.partial(metrics.timed_store, "memory", failure=StoreError)
 
 
 @dataclass(slots=True)
@@ -100,6 +105,7 @@ class MemoryStore:
         """Return how many records are held (expired ones not yet dropped included)."""
         return len(self._plain) + len(self._pinned)
 
+    @_timed("record")
     async def record(
         self,
         client_id: str,
@@ -137,11 +143,13 @@ class MemoryStore:
             self._tats.popitem(last=False)
         return states
 
+    @_timed("get_client")
     async def get_client(self, client_id: str) -> ClientRecord | None:
         """Return the client's record, or ``None`` when unknown or expired."""
         entry = self._live(client_id, self._clock())
         return None if entry is None else entry.snapshot(client_id)
 
+    @_timed("list_clients")
     async def list_clients(self, *, limit: int, cursor: str = "") -> tuple[list[ClientRecord], str]:
         """Return up to ``limit`` records in client-id order, and the next page's cursor.
 
@@ -163,6 +171,7 @@ class MemoryStore:
         more = len(page_ids) > limit
         return records, _encode_cursor(page_ids[limit - 1]) if more else ""
 
+    @_timed("set_level")
     async def set_level(
         self,
         client_id: str,
@@ -186,11 +195,13 @@ class MemoryStore:
         self._touch(client_id, entry, now)
         return entry.snapshot(client_id)
 
+    @_timed("load_detection")
     async def load_detection(self, client_id: str) -> DetectionState | None:
         """Return the client's detection state, or None."""
         entry = self._live(client_id, self._clock())
         return None if entry is None else entry.detection
 
+    @_timed("save_detection")
     async def save_detection(self, client_id: str, state: DetectionState, *, ttl_s: float) -> None:
         """Keep the detection state with the client's record (which bounds and expires both)."""
         now = self._clock()
@@ -200,6 +211,7 @@ class MemoryStore:
         entry.detection = state
         self._touch(client_id, entry, now)
 
+    @_timed("reset_client")
     async def reset_client(self, client_id: str) -> bool:
         """Forget the client; return whether it was known (and not expired)."""
         known = self._live(client_id, self._clock()) is not None
@@ -207,10 +219,12 @@ class MemoryStore:
         self._pinned.pop(client_id, None)
         return known
 
+    @_timed("ping")
     async def ping(self) -> bool:
         """Return True: the store lives in this process."""
         return True
 
+    @_timed("close")
     async def close(self) -> None:
         """Do nothing: there are no connections to release."""
 

@@ -30,6 +30,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -47,6 +48,11 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from extauthz.core.limiter import LimitCharge, LimitState
 from extauthz.store.base import ClientRecord, DetectionState, StoreError
+from extauthz.telemetry import metrics
+
+# Every call is timed by op (extauthz_store_seconds); a StoreError is counted by kind
+# (extauthz_store_errors_total: timeout or error).
+_timed = functools.partial(metrics.timed_store, "redis", failure=StoreError)
 
 _TRIM_EVERY = 1024
 """Trim the registry of expired entries once per this many ``record`` calls."""
@@ -418,6 +424,7 @@ class RedisStore:
         """
         return f"{self._prefix}:{{{_escape(tag)}}}:l:{_escape(name)}"
 
+    @_timed("record")
     async def record(
         self,
         client_id: str,
@@ -496,12 +503,14 @@ class RedisStore:
             record = _parse(client_id, _pairs(fields), now)
             return _with_limits(record, [state for state in states if state is not None])
 
+    @_timed("get_client")
     async def get_client(self, client_id: str) -> ClientRecord | None:
         """Return the client's record, or ``None`` when unknown or expired."""
         async with self._guard("get_client"):
             fields = await self._client.hgetall(self.key(client_id))
             return _parse(client_id, _text(fields), self._clock()) if fields else None
 
+    @_timed("list_clients")
     async def list_clients(self, *, limit: int, cursor: str = "") -> tuple[list[ClientRecord], str]:
         """Return up to ``limit`` records, oldest activity first, and the next cursor.
 
@@ -531,6 +540,7 @@ class RedisStore:
         more = len(members) == limit
         return records, _encode_cursor(scores[-1], members[-1]) if more else ""
 
+    @_timed("set_level")
     async def set_level(
         self,
         client_id: str,
@@ -585,6 +595,7 @@ class RedisStore:
                 )
             return _parse(client_id, _pairs(fields), now)
 
+    @_timed("load_detection")
     async def load_detection(self, client_id: str) -> DetectionState | None:
         """Read the detector states and the risk fields (one slot: one pipeline)."""
         async with self._guard("load_detection"):
@@ -608,6 +619,7 @@ class RedisStore:
             timeline=timeline,
         )
 
+    @_timed("save_detection")
     async def save_detection(self, client_id: str, state: DetectionState, *, ttl_s: float) -> None:
         """Write detector states (base64 in a hash beside the record) and the risk fields on
         the record, atomically (both keys share the client's slot)."""
@@ -629,6 +641,7 @@ class RedisStore:
                 pipe.hset(self.key(client_id), mapping=meta)  # type: ignore[arg-type]
                 await pipe.execute()
 
+    @_timed("reset_client")
     async def reset_client(self, client_id: str) -> bool:
         """Delete the client's record, detection state and registry entry; return whether it existed."""
         async with self._guard("reset_client"):
@@ -639,11 +652,13 @@ class RedisStore:
             )
             return bool(deleted)
 
+    @_timed("ping")
     async def ping(self) -> bool:
         """Return True when Redis (every node, in cluster mode) answers PING."""
         async with self._guard("ping"):
             return bool(await self._client.ping())
 
+    @_timed("close")
     async def close(self) -> None:
         """Close the client, the helpers (Sentinel's) and their connections."""
         async with self._guard("close", discover=False):

@@ -85,8 +85,6 @@ class TestRedTeamSmoke:
         for attack in attacks.values():
             assert attack["sent"] == 96 and attack["fidelity"] is not None
             assert attack["risk"], "risk samples recorded through the admin API"
-        # Seeds first, then points between seeds of different classes: caught within 96.
-        assert attacks["linesearch"]["first_refusal"] is not None
         assert run["benign"]["refusals"] == 0 and run["benign"]["queries"] == 96
         html = page.read_text()
         assert html.startswith("<!DOCTYPE html>") and "<svg" in html

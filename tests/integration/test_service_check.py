@@ -218,7 +218,7 @@ class TestHttpPort:
         assert json.loads(text) == {"status": "ready", "store": "ok"}
 
     async def test_check_counts_decisions(self, guarded: RunningGuard) -> None:
-        labels = {"path": "check", "action": "block", "tier": "free"}
+        labels = {"path": "check", "action": "block", "tier": "free", "reason": "deny_list"}
         before = counter("extauthz_decisions_total", **labels)
         await guarded.authz.Check(check_request({"x-api-key": MALLORY_KEY}))
         assert counter("extauthz_decisions_total", **labels) == before + 1
