@@ -1,7 +1,8 @@
-"""A no-op ext_authz server on grpc.aio: every Check is allowed.
+"""A no-op ext_authz and ext_proc server on grpc.aio: every Check is allowed, every ext_proc
+message is answered with an empty response of its own phase.
 
-The bench runs it behind Envoy to measure the floor of a Python ext_authz hop (gRPC framing,
-protobuf parsing, the asyncio loop) with no decision work, so extauthz's Check can be judged
+The bench runs it behind Envoy to measure the floor of a Python hop (gRPC framing, protobuf
+parsing, the asyncio loop) with no decision work, so extauthz's Check and Process can be judged
 against what any Python server would cost.
 
 Run as ``python tests/bench/noop_authz.py PORT``.
@@ -12,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import AsyncIterator
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from google.rpc import code_pb2, status_pb2
 
 _OK = external_auth_pb2.CheckResponse(
@@ -36,10 +40,46 @@ class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: 
         return _OK
 
 
+# One prebuilt answer per phase: the request's oneof name maps to the response's.
+_ANSWERS = {
+    "request_headers": ext_proc_pb2.ProcessingResponse(
+        request_headers=ext_proc_pb2.HeadersResponse()
+    ),
+    "response_headers": ext_proc_pb2.ProcessingResponse(
+        response_headers=ext_proc_pb2.HeadersResponse()
+    ),
+    "request_body": ext_proc_pb2.ProcessingResponse(request_body=ext_proc_pb2.BodyResponse()),
+    "response_body": ext_proc_pb2.ProcessingResponse(response_body=ext_proc_pb2.BodyResponse()),
+    "request_trailers": ext_proc_pb2.ProcessingResponse(
+        request_trailers=ext_proc_pb2.TrailersResponse()
+    ),
+    "response_trailers": ext_proc_pb2.ProcessingResponse(
+        response_trailers=ext_proc_pb2.TrailersResponse()
+    ),
+}
+
+
+class NoopProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """Answer every ext_proc message with an empty response of its phase: change nothing."""
+
+    async def Process(  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[ext_proc_pb2.ProcessingRequest],
+        context: grpc.aio.ServicerContext[
+            ext_proc_pb2.ProcessingRequest, ext_proc_pb2.ProcessingResponse
+        ],
+    ) -> AsyncIterator[ext_proc_pb2.ProcessingResponse]:
+        async for message in request_iterator:
+            phase = message.WhichOneof("request")
+            if phase in _ANSWERS:
+                yield _ANSWERS[phase]
+
+
 async def serve(port: int) -> None:
     """Serve on 127.0.0.1:``port`` until SIGTERM or SIGINT."""
     server = grpc.aio.server()
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(), server)
+    ext_proc_grpc.add_ExternalProcessorServicer_to_server(NoopProcessor(), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     if bound == 0:
         raise SystemExit(f"cannot bind 127.0.0.1:{port}")

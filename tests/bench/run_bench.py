@@ -1,17 +1,23 @@
-"""HTTP load through the real Envoy: what does extauthz's Check cost per request?
+"""HTTP load through the real Envoy: what do extauthz's hops cost per request?
 
-Four set-ups run one after another, each on the reference ``envoy/envoy.yaml`` with its routes
-replaced by a ``direct_response`` 200 (no upstream cost) and ext_proc removed:
+Set-ups run one after another, each on the reference ``envoy/envoy.yaml`` with its routes
+replaced by a ``direct_response`` 200 (no upstream cost):
 
-  a. Envoy alone (ext_authz removed too): the ceiling;
-  b. Envoy + a no-op grpc.aio ext_authz server (``noop_authz.py``): the floor of any Python hop;
+  a. Envoy alone (ext_authz and ext_proc removed): the ceiling;
+  b. Envoy + a no-op grpc.aio ext_authz server (``noop_authz.py``): the floor of a Check hop;
   c. Envoy + ``extauthz serve`` with ``bench-policy.yaml`` and the memory store: the real Check;
-  d. the same with a private ``redis-server`` as the store: one Redis round trip per Check.
+  d. the same with a private ``redis-server`` as the store: one Redis round trip per Check;
+  e. Envoy + the no-op server as ext_proc only (headers and the buffered response body): the
+     floor of a Process stream;
+  f. Envoy + the no-op server as both ext_authz and ext_proc: the floor of two hops.
 
 The access log is dropped in all of them, so the numbers are filters and hops, not disk writes.
 Envoy runs with ``--concurrency 1``; wrk with one thread and N connections for D seconds after a
-warm-up. The ratio c/b is what extauthz's decision work costs over the Python floor; d/c what
-the shared store adds.
+warm-up. Beside requests/s and latency, each set-up reports the server's CPU time per request
+(user + system of the guard or no-op process and its children, from /proc, over the measured
+run): on a 2-core machine shared with Envoy and wrk, CPU per request is the figure that does not
+depend on who got the cores. c/b is what extauthz's decision work costs over the Python floor;
+d/c what the shared store adds.
 
 Run as ``python -m tests.bench.run_bench [--duration 10] [--connections 8] [--json FILE]``.
 """
@@ -77,7 +83,14 @@ SETUPS: dict[str, str] = {
     "b": "envoy + noop grpc.aio authz",
     "c": "envoy + extauthz Check (memory)",
     "d": "envoy + extauthz Check (redis)",
+    "e": "envoy + noop grpc.aio ext_proc",
+    "f": "envoy + noop authz + noop ext_proc",
 }
+#: Set-ups whose Envoy keeps the ext_authz filter, and those that keep ext_proc.
+_WITH_AUTHZ = frozenset("bcdf")
+_WITH_PROC = frozenset("ef")
+_NOOP = frozenset("bef")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +137,8 @@ class SetupResult:
     label: str
     result: WrkResult | None = None
     ext_authz_stats: dict[str, int] = field(default_factory=dict)
+    server_cpu_us_per_request: float | None = None
+    """User + system CPU of the server process tree per request of the measured run."""
     error: str | None = None
 
 
@@ -178,12 +193,10 @@ def run_wrk(url: str, *, duration_s: int, opts: BenchOptions, script: Path) -> W
     return parse_wrk_output(done.stdout)
 
 
-def bench_transform(*, authz: bool) -> Callable[[dict[str, Any]], None]:
-    """Return a config transform: direct_response 200 routes, no ext_proc, no access log.
-
-    With ``authz`` false the ext_authz filter goes too (set-up a).
-    """
-    drop = {_EXT_PROC} if authz else {_EXT_PROC, _EXT_AUTHZ}
+def bench_transform(*, authz: bool, proc: bool = False) -> Callable[[dict[str, Any]], None]:
+    """Return a config transform: direct_response 200 routes, no access log, and only the
+    ext_authz (``authz``) and ext_proc (``proc``) filters asked for."""
+    drop = {name for name, keep in ((_EXT_AUTHZ, authz), (_EXT_PROC, proc)) if not keep}
 
     def transform(config: dict[str, Any]) -> None:
         for listener in config["static_resources"]["listeners"]:
@@ -213,6 +226,30 @@ def bench_transform(*, authz: bool) -> Callable[[dict[str, Any]], None]:
     return transform
 
 
+def tree_cpu_s(pid: int) -> float:
+    """Return the user + system CPU seconds of ``pid`` and its live descendants (/proc)."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state, ppid, ..., utime (14), stime (15).
+        fields = text[text.rindex(")") + 2 :].split()
+        child, parent = int(entry.name), int(fields[1])
+        children.setdefault(parent, []).append(child)
+        times[child] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        total += times.get(current, 0.0)
+        stack.extend(children.get(current, ()))
+    return total
+
+
 def ext_authz_stats(admin_port: int) -> dict[str, int]:
     """Return Envoy's ext_authz counters (ok / denied / error ...), to show the hop really ran."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -233,7 +270,7 @@ def _authz_server(setup: str, grpc_port: int, workdir: Path) -> Iterator[Process
     if setup == "a":
         yield None
         return
-    if setup == "b":
+    if setup in _NOOP:
         argv = [sys.executable, str(NOOP_AUTHZ), str(grpc_port)]
         proc = start_process(f"noop-authz-{grpc_port}", argv, workdir=workdir, env=python_env())
         try:
@@ -280,11 +317,13 @@ def run_setup(setup: str, *, base_id: int, opts: BenchOptions, script: Path) -> 
     """Start the processes of one set-up, warm up, measure, stop everything."""
     label = SETUPS[setup]
     ports = Ports.free()
-    config = render_envoy_config(ports, transform=bench_transform(authz=setup != "a"))
+    transform = bench_transform(authz=setup in _WITH_AUTHZ, proc=setup in _WITH_PROC)
+    config = render_envoy_config(ports, transform=transform)
     url = f"http://127.0.0.1:{ports.listener}{opts.path}"
+    cpu_per_request = None
     try:
         with ExitStack() as stack:
-            stack.enter_context(_authz_server(setup, ports.guard, opts.workdir))
+            server = stack.enter_context(_authz_server(setup, ports.guard, opts.workdir))
             stack.enter_context(
                 start_envoy(
                     config,
@@ -296,20 +335,38 @@ def run_setup(setup: str, *, base_id: int, opts: BenchOptions, script: Path) -> 
             )
             run_wrk(url, duration_s=_WARMUP_S, opts=opts, script=script)
             before = ext_authz_stats(ports.admin)
+            cpu_before = tree_cpu_s(server.pid) if server is not None else 0.0
             result = run_wrk(url, duration_s=opts.duration_s, opts=opts, script=script)
+            if server is not None and result.requests > 0:
+                cpu = tree_cpu_s(server.pid) - cpu_before
+                cpu_per_request = cpu / result.requests * 1e6
             after = ext_authz_stats(ports.admin)
     except (StackError, OSError, subprocess.TimeoutExpired, ValueError) as err:
         return SetupResult(setup=setup, label=label, error=f"{type(err).__name__}: {err}")
     # Counters of the measured run only, without the warm-up.
     delta = {name: after[name] - before.get(name, 0) for name in after if after[name]}
-    return SetupResult(setup=setup, label=label, result=result, ext_authz_stats=delta)
+    return SetupResult(
+        setup=setup,
+        label=label,
+        result=result,
+        ext_authz_stats=delta,
+        server_cpu_us_per_request=cpu_per_request,
+    )
 
 
 def ratios(results: Sequence[SetupResult]) -> dict[str, float]:
     """Return c/b and b/a ratios of requests/s and p50/p99 where both set-ups ran."""
     by_setup = {r.setup: r.result for r in results if r.result is not None}
     out: dict[str, float] = {}
-    for num, den in (("c", "b"), ("d", "b"), ("d", "c"), ("b", "a"), ("c", "a")):
+    for num, den in (
+        ("c", "b"),
+        ("d", "b"),
+        ("d", "c"),
+        ("b", "a"),
+        ("c", "a"),
+        ("e", "a"),
+        ("f", "a"),
+    ):
         top, bottom = by_setup.get(num), by_setup.get(den)
         if top is None or bottom is None:
             continue
@@ -325,17 +382,19 @@ def ratios(results: Sequence[SetupResult]) -> dict[str, float]:
 def format_table(results: Sequence[SetupResult], ratio: dict[str, float]) -> str:
     """Render results and ratios as a plain-text table."""
     lines = [
-        f"{'setup':<34} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'sock err':>8}"
+        f"{'setup':<36} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'sock err':>8}"
+        f" {'cpu us/req':>10}"
     ]
     for r in results:
         name = f"{r.setup}. {r.label}"
         if r.result is None:
-            lines.append(f"{name:<34} FAILED: {(r.error or '').splitlines()[0][:120]}")
+            lines.append(f"{name:<36} FAILED: {(r.error or '').splitlines()[0][:120]}")
             continue
         w = r.result
+        cpu = "-" if r.server_cpu_us_per_request is None else f"{r.server_cpu_us_per_request:.0f}"
         lines.append(
-            f"{name:<34} {w.requests_per_s:>10.0f} {w.p50_ms:>8.3f} {w.p99_ms:>8.3f}"
-            f" {w.non_2xx:>8d} {w.socket_errors:>8d}"
+            f"{name:<36} {w.requests_per_s:>10.0f} {w.p50_ms:>8.3f} {w.p99_ms:>8.3f}"
+            f" {w.non_2xx:>8d} {w.socket_errors:>8d} {cpu:>10}"
         )
     for key in ("c/b", "d/b", "d/c", "b/a"):
         rps, p50 = ratio.get(f"{key}_requests_per_s"), ratio.get(f"{key}_p50")
@@ -352,7 +411,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=8, help="wrk connections")
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"), help="output")
     parser.add_argument(
-        "--setups", default="abcd", help="which set-ups to run, e.g. 'ab' (default: abcd)"
+        "--setups", default="abcdef", help="which set-ups to run, e.g. 'ab' (default: abcdef)"
     )
     parser.add_argument("--path", default="/", help="request path (default: /)")
     parser.add_argument(
@@ -414,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "label": r.label,
                 "result": asdict(r.result) if r.result else None,
                 "ext_authz_stats": r.ext_authz_stats,
+                "server_cpu_us_per_request": r.server_cpu_us_per_request,
                 "error": r.error,
             }
             for r in results

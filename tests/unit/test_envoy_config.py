@@ -203,8 +203,12 @@ class TestEnvoyValidate:
         _require_envoy()
         from tests.bench.run_bench import bench_transform
 
-        for authz in (True, False):
-            config = render_envoy_config(PORTS, transform=bench_transform(authz=authz))
+        for authz, proc in ((True, False), (False, False), (False, True), (True, True)):
+            transform = bench_transform(authz=authz, proc=proc)
+            config = render_envoy_config(PORTS, transform=transform)
+            names = [f["name"] for f in _hcm(config)["http_filters"]]
+            assert ("envoy.filters.http.ext_authz" in names) is authz
+            assert ("envoy.filters.http.ext_proc" in names) is proc
             validate_envoy_config(config, workdir=tmp_path)
 
     def test_invalid_config_is_rejected(self, tmp_path: Path) -> None:
