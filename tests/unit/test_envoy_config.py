@@ -206,7 +206,7 @@ class TestEnvoyValidate:
         for authz, proc in ((True, False), (False, False), (False, True), (True, True)):
             transform = bench_transform(authz=authz, proc=proc)
             config = render_envoy_config(PORTS, transform=transform)
-            names = [f["name"] for f in _hcm(config)["http_filters"]]
+            names = [f["name"] for f in _hcm(yaml.safe_load(config))["http_filters"]]
             assert ("envoy.filters.http.ext_authz" in names) is authz
             assert ("envoy.filters.http.ext_proc" in names) is proc
             validate_envoy_config(config, workdir=tmp_path)
