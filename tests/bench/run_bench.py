@@ -9,7 +9,10 @@ replaced by a ``direct_response`` 200 (no upstream cost):
   d. the same with a private ``redis-server`` as the store: one Redis round trip per Check;
   e. Envoy + the no-op server as ext_proc only (headers and the buffered response body): the
      floor of a Process stream;
-  f. Envoy + the no-op server as both ext_authz and ext_proc: the floor of two hops.
+  f. Envoy + the no-op server as both ext_authz and ext_proc: the floor of two hops;
+  g. the full pipeline, two hops: ``extauthz serve`` as ext_authz and ext_proc on a KServe route
+     whose direct_response is a 10-class answer; wrk POSTs one instance per request; limits,
+     detectors, keyed noise, rounding and watermarks all run (``bench-pipeline-policy.yaml``).
 
 The access log is dropped in all of them, so the numbers are filters and hops, not disk writes.
 Envoy runs with ``--concurrency 1``; wrk with one thread and N connections for D seconds after a
@@ -85,11 +88,24 @@ SETUPS: dict[str, str] = {
     "d": "envoy + extauthz Check (redis)",
     "e": "envoy + noop grpc.aio ext_proc",
     "f": "envoy + noop authz + noop ext_proc",
+    "g": "full pipeline, two hops (memory)",
 }
 #: Set-ups whose Envoy keeps the ext_authz filter, and those that keep ext_proc.
-_WITH_AUTHZ = frozenset("bcdf")
-_WITH_PROC = frozenset("ef")
+_WITH_AUTHZ = frozenset("bcdfg")
+_WITH_PROC = frozenset("efg")
 _NOOP = frozenset("bef")
+#: Set-ups that POST a KServe instance to a model route and get a 10-class answer.
+_PIPELINE = frozenset("g")
+PIPELINE_POLICY = _HERE / "bench-pipeline-policy.yaml"
+MODEL_PATH = "/v1/models/digits:predict"
+_ANSWER = json.dumps(
+    {"predictions": [[0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.55]]}
+)
+_POST_LUA = """
+wrk.method = "POST"
+wrk.headers["content-type"] = "application/json"
+wrk.body = '%BODY%'
+"""
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -193,10 +209,17 @@ def run_wrk(url: str, *, duration_s: int, opts: BenchOptions, script: Path) -> W
     return parse_wrk_output(done.stdout)
 
 
-def bench_transform(*, authz: bool, proc: bool = False) -> Callable[[dict[str, Any]], None]:
-    """Return a config transform: direct_response 200 routes, no access log, and only the
-    ext_authz (``authz``) and ext_proc (``proc``) filters asked for."""
+def bench_transform(
+    *, authz: bool, proc: bool = False, body: str = "ok\n"
+) -> Callable[[dict[str, Any]], None]:
+    """Return a config transform: direct_response 200 routes answering ``body``, no access log,
+    and only the ext_authz (``authz``) and ext_proc (``proc``) filters asked for."""
     drop = {name for name, keep in ((_EXT_AUTHZ, authz), (_EXT_PROC, proc)) if not keep}
+    headers = (
+        [{"header": {"key": "content-type", "value": "application/json"}}]
+        if body.startswith("{")
+        else []
+    )
 
     def transform(config: dict[str, Any]) -> None:
         for listener in config["static_resources"]["listeners"]:
@@ -216,8 +239,9 @@ def bench_transform(*, authz: bool, proc: bool = False) -> Callable[[dict[str, A
                                     "match": {"prefix": "/"},
                                     "direct_response": {
                                         "status": 200,
-                                        "body": {"inline_string": "ok\n"},
+                                        "body": {"inline_string": body},
                                     },
+                                    "response_headers_to_add": headers,
                                 }
                             ],
                         }
@@ -285,9 +309,12 @@ def _authz_server(setup: str, grpc_port: int, workdir: Path) -> Iterator[Process
                 redis_port = free_port()
                 resources.enter_context(_redis_server(redis_port, workdir))
                 store = f"redis://127.0.0.1:{redis_port}/0"
+            policy = BENCH_POLICY
+            if setup in _PIPELINE:
+                policy = _pipeline_policy(workdir)
             # No drain period: nothing routes to this guard once the run is over.
             proc = start_guard(
-                policy=BENCH_POLICY,
+                policy=policy,
                 grpc_port=grpc_port,
                 http_port=free_port(),
                 workdir=workdir,
@@ -298,6 +325,32 @@ def _authz_server(setup: str, grpc_port: int, workdir: Path) -> Iterator[Process
         return
     with proc:
         yield proc
+
+
+def _pipeline_policy(workdir: Path) -> Path:
+    """Copy the full-pipeline policy into ``workdir`` beside its coverage reference."""
+    import numpy as np
+
+    from extauthz.demo.model import load_data
+    from extauthz.detect.features import Projector
+
+    x_train, x_test, _, _ = load_data()
+    natural = np.vstack([x_train, x_test]).astype(np.float32)
+    np.save(workdir / "coverage-reference.npy", Projector(32, 0).project(natural))
+    policy = workdir / PIPELINE_POLICY.name
+    shutil.copyfile(PIPELINE_POLICY, policy)
+    return policy
+
+
+def pipeline_script(workdir: Path) -> Path:
+    """Write the wrk script that POSTs one held-out digit as a KServe instance."""
+    from extauthz.demo.model import load_data
+
+    row = load_data()[1][0].tolist()
+    body = json.dumps({"instances": [row]})
+    script = workdir / "pipeline.lua"
+    script.write_text(_POST_LUA.replace("%BODY%", body) + _WRK_DONE_LUA, encoding="utf-8")
+    return script
 
 
 @contextmanager
@@ -317,9 +370,16 @@ def run_setup(setup: str, *, base_id: int, opts: BenchOptions, script: Path) -> 
     """Start the processes of one set-up, warm up, measure, stop everything."""
     label = SETUPS[setup]
     ports = Ports.free()
-    transform = bench_transform(authz=setup in _WITH_AUTHZ, proc=setup in _WITH_PROC)
+    pipeline = setup in _PIPELINE
+    transform = bench_transform(
+        authz=setup in _WITH_AUTHZ,
+        proc=setup in _WITH_PROC,
+        body=_ANSWER if pipeline else "ok\n",
+    )
     config = render_envoy_config(ports, transform=transform)
-    url = f"http://127.0.0.1:{ports.listener}{opts.path}"
+    url = f"http://127.0.0.1:{ports.listener}{MODEL_PATH if pipeline else opts.path}"
+    if pipeline:
+        script = pipeline_script(opts.workdir)
     cpu_per_request = None
     try:
         with ExitStack() as stack:
@@ -366,6 +426,8 @@ def ratios(results: Sequence[SetupResult]) -> dict[str, float]:
         ("c", "a"),
         ("e", "a"),
         ("f", "a"),
+        ("g", "e"),
+        ("g", "f"),
     ):
         top, bottom = by_setup.get(num), by_setup.get(den)
         if top is None or bottom is None:
@@ -411,7 +473,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=8, help="wrk connections")
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"), help="output")
     parser.add_argument(
-        "--setups", default="abcdef", help="which set-ups to run, e.g. 'ab' (default: abcdef)"
+        "--setups", default="abcdefg", help="which set-ups to run, e.g. 'ab' (default: abcdefg)"
     )
     parser.add_argument("--path", default="/", help="request path (default: /)")
     parser.add_argument(
