@@ -414,6 +414,10 @@ def _client_tag(client_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(client_id.encode(), digest_size=8).digest(), "little")
 
 
+#: The most postings of one hash a lookup reads per segment of the cross-client index.
+MAX_POSTINGS: Final = 64
+
+
 class MemoryFingerprintIndex:
     """:class:`FingerprintIndex` in one process: sorted segments of ``(hash, query number)``.
 
@@ -463,6 +467,10 @@ class MemoryFingerprintIndex:
         for _, values, numbers in self._segments:
             lo = np.searchsorted(values, query, side="left").astype(np.int64)
             hi = np.searchsorted(values, query, side="right").astype(np.int64)
+            # Equal hashes sit newest first (insertion goes left of them): keep the newest
+            # MAX_POSTINGS. A hash that many queries share says little, and one client
+            # repeating an input must not make every lookup scan all its repeats.
+            hi = np.minimum(hi, lo + MAX_POSTINGS)
             _, position = _expand(lo, hi)
             found.append(numbers[position])
         hits = np.concatenate(found)

@@ -7,6 +7,7 @@ import numpy.typing as npt
 import pytest
 from sklearn.datasets import load_digits
 
+import extauthz.detect.fingerprint as fingerprint_module
 from extauthz.detect.base import Observation
 from extauthz.detect.fingerprint import (
     HISTORY,
@@ -248,6 +249,29 @@ class TestCrossClient:
         expected = shared(FP(base[None])[0], FP(nudged[None])[0])
         assert 25 < expected < 45
         assert await index.observe("c", FP(nudged[None])[0], 2.0) == expected
+
+    async def test_a_client_repeating_one_input_does_not_slow_every_lookup(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        index = MemoryFingerprintIndex()
+        base = DIGITS[20]
+        row = FP(base[None])[0]
+        for t in range(500):  # one client sends the same input 500 times
+            await index.observe("key:repeater", row, float(t))
+        expanded: list[int] = []
+        original = fingerprint_module._expand
+
+        def counting(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            expanded.append(int((hi - lo).sum()))
+            return original(lo, hi)
+
+        monkeypatch.setattr(fingerprint_module, "_expand", counting)
+        nudged = base.copy()
+        nudged[60] = np.clip(nudged[60] + 4, 0, 16)
+        # Another client's near-duplicate is still found among the newest postings...
+        assert await index.observe("key:other", FP(nudged[None])[0], 600.0) > 25
+        # ...and the lookup read at most MAX_POSTINGS per hash, not all 500 repeats.
+        assert sum(expanded) <= fingerprint_module.MAX_POSTINGS * row.size
 
     async def test_ttl_and_max_queries_evict(self) -> None:
         rng = np.random.default_rng(14)
