@@ -54,26 +54,29 @@ REDIS_SCHEMES = (
 )
 
 
+def check_store_url(url: str) -> None:
+    """Raise ``ValueError`` unless ``url`` is ``memory`` or has a Redis scheme."""
+    if url != "memory" and not url.startswith(REDIS_SCHEMES):
+        schemes = ", ".join(REDIS_SCHEMES)
+        raise ValueError(f"store_url: expected 'memory' or a URL starting {schemes}; got {url!r}")
+
+
 def create_store(settings: Settings, clock: Callable[[], float]) -> Store:
     """Return the store named by ``settings.store_url``: ``memory`` or a Redis URL."""
+    check_store_url(settings.store_url)
     if settings.store_url == "memory":
         from extauthz.store.memory import MemoryStore
 
         return MemoryStore(
             max_clients=settings.memory_max_clients, ttl_s=settings.client_ttl_s, clock=clock
         )
-    if settings.store_url.startswith(REDIS_SCHEMES):
-        from extauthz.store.redis import RedisStore
+    from extauthz.store.redis import RedisStore
 
-        return RedisStore.from_url(
-            settings.store_url,
-            timeout_s=settings.decision_budget_s,
-            ttl_s=settings.client_ttl_s,
-            clock=clock,
-        )
-    schemes = ", ".join(REDIS_SCHEMES)
-    raise ValueError(
-        f"store_url: expected 'memory' or a URL starting {schemes}; got {settings.store_url!r}"
+    return RedisStore.from_url(
+        settings.store_url,
+        timeout_s=settings.decision_budget_s,
+        ttl_s=settings.client_ttl_s,
+        clock=clock,
     )
 
 
@@ -172,8 +175,20 @@ class Guard:
         log.info("stopped")
 
 
-async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -> Guard:
-    """Start the gRPC and HTTP servers; ports 0 pick free ones (see ``Guard.grpc_port``)."""
+async def start(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    keys: KeyRing | None = None,
+    noise: bytes | None = None,
+) -> Guard:
+    """Start the gRPC and HTTP servers; ports 0 pick free ones (see ``Guard.grpc_port``).
+
+    ``keys`` and ``noise`` replace the ring and noise key read from ``settings``: the worker
+    supervisor (workers.py) draws random ones once, so every worker accepts the others' passes.
+    With ``settings.workers`` above 1 both ports are bound with SO_REUSEPORT, shared by the workers.
+    """
+    shared_ports = settings.workers > 1
     policy = PolicyHolder(settings.policy_path, clock=clock)
     store = create_store(settings, clock)
     # fail_modes.store: local decides limits here when the shared store is down.
@@ -188,7 +203,8 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
         clock=clock,
         budget_s=settings.decision_budget_s,
         local_store=local,
-        replicas=settings.replicas,
+        # Each worker keeps its own local store: a worker is a replica for fail_modes.store: local.
+        replicas=settings.replicas * settings.workers,
     )
     readiness = Readiness()
 
@@ -196,12 +212,13 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
         options=[
             ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
             ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Off for one process, so a second guard on a taken port fails instead of sharing it.
+            ("grpc.so_reuseport", 1 if shared_ports else 0),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
-    keys = key_ring(settings)
+    keys = key_ring(settings) if keys is None else keys
     captchas = CaptchaRegistry()
     gate = ChallengeGate(core, keys, clock=clock, captcha=captchas.for_snapshot)
     ledger = create_ledger(store, policy.current.policy.evidence, keys, clock)
@@ -217,7 +234,7 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
             core,
             gate,
             max_body_bytes=settings.max_message_bytes,
-            noise_key=noise_key(settings),
+            noise_key=noise_key(settings) if noise is None else noise,
             detection=detection,
             watermark_keys=keys,
             ledger=ledger,
@@ -249,7 +266,7 @@ async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -
 
     http_runner = web.AppRunner(build_http_app(readiness, store.ping), access_log=None)
     await http_runner.setup()
-    site = web.TCPSite(http_runner, settings.host, settings.http_port)
+    site = web.TCPSite(http_runner, settings.host, settings.http_port, reuse_port=shared_ports)
     await site.start()
     http_port = _bound_port(http_runner, settings.http_port)
 
@@ -279,9 +296,11 @@ def _bound_port(runner: web.AppRunner, requested: int) -> int:
     return requested
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain and stop."""
-    guard = await start(settings)
+async def serve(
+    settings: Settings, *, keys: KeyRing | None = None, noise: bytes | None = None
+) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop (``keys``, ``noise``: see ``start``)."""
+    guard = await start(settings, keys=keys, noise=noise)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -15,7 +15,6 @@ from extauthz.settings import from_env
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from extauthz import app
     from extauthz.policy.loader import PolicyError
     from extauthz.telemetry import logs
 
@@ -37,12 +36,19 @@ def _serve(args: argparse.Namespace) -> int:
                 "tls_client_ca_file": args.tls_client_ca,
                 "drain_s": args.drain_s,
                 "replicas": args.replicas,
+                "workers": args.workers,
                 "reload_interval_s": args.reload_interval_s,
                 "log_level": args.log_level,
                 "log_format": args.log_format,
             }
         )
         logs.configure(settings.log_level, settings.log_format)
+        if settings.workers > 1:
+            from extauthz import workers
+
+            return workers.supervise(settings)
+        from extauthz import app
+
         asyncio.run(app.serve(settings))
     except PolicyError as exc:
         print(f"extauthz: invalid policy {exc.source}:", file=sys.stderr)
@@ -158,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--replicas",
         type=int,
         help="guard replicas sharing the store (divides budgets in local mode)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the ports (default 1; more need a redis:// store)",
     )
     serve.add_argument(
         "--keys-file",

@@ -42,6 +42,9 @@ class Settings:
     # Guard replicas sharing the store: under fail_modes.store: local each replica enforces
     # 1/replicas of every budget on its own.
     replicas: int = 1
+    # Worker processes of this guard (``serve --workers N``): each runs its own event loop on the
+    # same ports (SO_REUSEPORT) under a supervisor; more than one needs the shared store.
+    workers: int = 1
     client_ttl_s: float = 86_400.0
 
     @property
@@ -73,6 +76,7 @@ class Settings:
             raise ValueError("reload_interval_s must be positive and drain_s not negative")
         if self.replicas < 1:
             raise ValueError("replicas: must be at least 1")
+        self._validate_workers()
         if self.memory_max_clients < 1 or self.client_ttl_s <= 0:
             raise ValueError("memory_max_clients and client_ttl_s must be positive")
         if self.policy_path is not None and not self.policy_path.is_file():
@@ -91,6 +95,21 @@ class Settings:
             raise ValueError("tls_cert_file and tls_key_file: give both or neither")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file: mTLS needs tls_cert_file and tls_key_file too")
+
+    def _validate_workers(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers: must be at least 1, got {self.workers}")
+        if self.workers == 1:
+            return
+        if self.store_url == "memory":
+            raise ValueError(
+                "workers: --workers needs a shared store (redis://...): "
+                "each worker would keep its own limits"
+            )
+        if self.grpc_port == 0 or self.http_port == 0:
+            raise ValueError(
+                "workers: --workers needs fixed ports: port 0 would give each worker its own port"
+            )
 
 
 def from_env(overrides: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Settings:

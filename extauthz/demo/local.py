@@ -30,9 +30,12 @@ class LocalStack:
         fixed_ports: bool = False,
         guard_args: Sequence[str] = (),
         upstream: Sequence[str] | None = None,
+        single_hop: bool = False,
     ) -> None:
         """``upstream`` replaces the demo model: an argv whose ``{port}`` is the model port and
-        that serves ``GET /v2/health/ready`` once up (tests use a fake upstream)."""
+        that serves ``GET /v2/health/ready`` once up (tests use a fake upstream).
+        ``single_hop`` runs ``envoy/envoy-single-hop.yaml`` (ext_proc alone) instead of the
+        reference two-hop config."""
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="extauthz-stack-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -48,6 +51,7 @@ class LocalStack:
         self.admin_token_file.chmod(0o600)
         self._guard_args = list(guard_args)
         self._upstream = list(upstream) if upstream else None
+        self.envoy_source = stack.ENVOY_SINGLE_HOP_YAML if single_hop else stack.ENVOY_YAML
         self.base_id = next(_BASE_IDS)
         self.model: stack.Process | None = None
         self.guard: stack.Process | None = None
@@ -68,7 +72,7 @@ class LocalStack:
             else:
                 self.model = self._start_upstream(self._upstream)
             self.start_guard()
-            config = stack.render_envoy_config(self.ports)
+            config = stack.render_envoy_config(self.ports, source=self.envoy_source)
             self.envoy = stack.start_envoy(
                 config, workdir=self.workdir, base_id=self.base_id, admin_port=self.ports.admin
             )

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "ENVOY_SINGLE_HOP_YAML",
     "ENVOY_YAML",
     "Ports",
     "Process",
@@ -57,6 +58,8 @@ def _locate_envoy_yaml() -> Path:
 
 
 ENVOY_YAML: Path = _locate_envoy_yaml()
+# The single-hop variant (ext_proc alone, no ext_authz): next to the reference config.
+ENVOY_SINGLE_HOP_YAML: Path = ENVOY_YAML.with_name("envoy-single-hop.yaml")
 
 # Cluster name in envoy.yaml → the Ports field its endpoints are moved to.
 _CLUSTER_PORT_FIELDS: Mapping[str, str] = {"extauthz": "guard", "model": "model"}
@@ -153,6 +156,9 @@ def render_envoy_config(
     transform: Callable[[dict[str, Any]], None] | None = None,
 ) -> str:
     """Return ``source`` as YAML with only its ports moved to ``ports``.
+
+    ``source`` is the reference config (two hops: Check then Process) or
+    ``ENVOY_SINGLE_HOP_YAML`` (Process alone); both share listener and cluster names.
 
     ``transform`` may edit the loaded tree in place after the ports are set (the bench swaps the
     routes for a direct response and drops filters); without it the result is the reference

@@ -169,8 +169,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> tuple[float, ...]:
     The first tick is at or below ``lo`` and the last at or above ``hi``, so the ticks can be
     the axis ends. A zero-width or non-finite range is widened rather than refused.
     """
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        lo, hi = 0.0, 1.0
+    if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(hi - lo)):
+        lo, hi = 0.0, 1.0  # also a span too wide for floats (1e308 - -1e308)
     lo, hi = min(lo, hi), max(lo, hi)
     if hi - lo <= 0.0 or not math.isfinite(hi - lo):
         pad = abs(lo) / 2.0 if lo != 0.0 and math.isfinite(abs(lo) / 2.0) else 1.0
@@ -185,13 +185,20 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> tuple[float, ...]:
 
 def _tick_text(value: float, ticks: Sequence[float]) -> str:
     step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
-    digits = max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 0
+    finite = math.isfinite(step) and step > 0
+    digits = max(0, -math.floor(math.log10(step) + 1e-9)) if finite else 0
     return f"{value + 0.0:.{digits}f}"
 
 
+_ABSURD = 1e15
+
+
 def _clean(points: Iterable[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
-    """Drop non-finite points and sort the rest by x so a line never doubles back."""
-    kept = [(x, y) for x, y in points if math.isfinite(x) and math.isfinite(y)]
+    """Drop non-finite and absurd points and sort the rest by x so a line never doubles back.
+
+    No red-team figure comes near 1e15; beyond it, axis arithmetic would overflow.
+    """
+    kept = [(x, y) for x, y in points if abs(x) < _ABSURD and abs(y) < _ABSURD]
     return tuple(sorted(kept, key=lambda p: p[0]))
 
 

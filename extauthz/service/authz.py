@@ -121,18 +121,14 @@ def answer(
     decision: Decision, info: RequestInfo, snapshot: Snapshot, captcha: CaptchaWidget | None = None
 ) -> auth_pb2.CheckResponse:
     """Turn a decision into Envoy's CheckResponse (shadow mode always allows)."""
-    if decision.allowed:
-        # With the remaining budget in RateLimit fields, and a pass granted now.
-        granted = envoy.grant_headers(decision, pass_ttl_s=snapshot.policy.challenge.pass_ttl_s)
-        return envoy.check_ok(decision, granted)
-    status, headers, body = envoy.refusal(
+    return envoy.check_answer(
         decision,
-        request_id=info.request_id,
-        accept=info.headers.get("accept", ""),
+        info.headers,
         path=info.path,
+        request_id=info.request_id,
+        pass_ttl_s=snapshot.policy.challenge.pass_ttl_s,
         captcha=captcha,
     )
-    return envoy.check_denied(status, headers, body, envoy.decision_struct(decision))
 
 
 def _route_prefix(snapshot: Snapshot, path: str) -> str:

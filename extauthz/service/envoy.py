@@ -201,6 +201,31 @@ def grant_headers(decision: Decision, *, pass_ttl_s: float) -> list[tuple[str, s
     ]
 
 
+def client_headers(decision: Decision, *, pass_ttl_s: float) -> list[tuple[str, str]]:
+    """What an allowed request's answer tells the client: its remaining budget in RateLimit
+    fields and a pass granted now. Check and ext_proc add the same ones."""
+    return [*rate_limit_fields(decision.limits), *grant_headers(decision, pass_ttl_s=pass_ttl_s)]
+
+
+def denial(
+    decision: Decision,
+    headers: Mapping[str, str],
+    *,
+    path: str,
+    request_id: str,
+    captcha: CaptchaWidget | None = None,
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The (status, headers, body) refusing a request with these ``headers``: the one answer
+    Check puts in its denied_response and ext_proc in its ImmediateResponse."""
+    return refusal(
+        decision,
+        request_id=request_id,
+        accept=headers.get("accept", ""),
+        path=path,
+        captcha=captcha,
+    )
+
+
 def _window(seconds: float) -> str:
     names = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86_400.0: "day", 2_592_000.0: "month"}
     return names.get(seconds, f"{seconds:g} s")
@@ -248,6 +273,24 @@ def check_ok(
         ),
         dynamic_metadata=decision_struct(decision),
     )
+
+
+def check_answer(
+    decision: Decision,
+    headers: Mapping[str, str],
+    *,
+    path: str,
+    request_id: str,
+    pass_ttl_s: float,
+    captcha: CaptchaWidget | None = None,
+) -> auth_pb2.CheckResponse:
+    """Turn a decision into Check's answer: allow with headers and metadata, or the denial."""
+    if decision.allowed:
+        return check_ok(decision, grant_headers(decision, pass_ttl_s=pass_ttl_s))
+    status, answer_headers, body = denial(
+        decision, headers, path=path, request_id=request_id, captcha=captcha
+    )
+    return check_denied(status, answer_headers, body, decision_struct(decision))
 
 
 def check_denied(
@@ -313,6 +356,31 @@ def immediate(
     if metadata:
         _put_metadata(response, metadata)
     return response
+
+
+def process_refusal(
+    decision: Decision,
+    headers: Mapping[str, str],
+    *,
+    path: str,
+    request_id: str,
+    captcha: CaptchaWidget | None = None,
+    details: str = "",
+    with_metadata: bool = True,
+) -> proc_pb2.ProcessingResponse:
+    """Refuse from ext_proc with exactly the status, headers and body Check would have sent,
+    and (``with_metadata``) the decision under the ``extauthz`` namespace."""
+    status, answer_headers, body = denial(
+        decision, headers, path=path, request_id=request_id, captcha=captcha
+    )
+    metadata = {EXT_PROC_NAMESPACE: decision_struct(decision)} if with_metadata else None
+    return immediate(
+        status,
+        answer_headers,
+        body,
+        details=details or f"extauthz_{decision.error}",
+        metadata=metadata,
+    )
 
 
 def _put_metadata(

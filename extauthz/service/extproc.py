@@ -1,7 +1,9 @@
 """Envoy's ext_proc Process: the per-request stream state machine.
 
 request_headers  -> identity, route, and (without a Check verdict in metadata) the full decision,
-                    challenges included (single hop)
+                    challenges included (single hop, on every route); a refusal is Check's own
+                    answer as an ImmediateResponse; the response phases are dropped when the
+                    tier can never need them (mode_override)
 request_body     -> parse model inputs by dialect, apply LLM request rules, count instances,
                     charge them to the limits and to the client's pass
 response_headers -> RateLimit fields and a granted pass for the client; skip the body when
@@ -34,7 +36,7 @@ from google.protobuf import struct_pb2
 from extauthz.challenge.gate import ChallengeGate
 from extauthz.core.decision import Decision, DecisionCore
 from extauthz.core.identity import Identity, RequestInfo, identify
-from extauthz.core.limiter import ChargeMode, rate_limit_fields
+from extauthz.core.limiter import ChargeMode
 from extauthz.core.risk import Action, RiskLevel
 from extauthz.detect.features import numeric_matrix
 from extauthz.detect.pipeline import DetectionPipeline
@@ -65,6 +67,28 @@ _SKIP_REST = _MODE(
     response_trailer_mode=_MODE.SKIP,
 )
 _SKIP_RESPONSE_BODY = _MODE(response_body_mode=_MODE.NONE, response_trailer_mode=_MODE.SKIP)
+
+
+def _headers_only(*, respond: bool) -> mode_pb2.ProcessingMode:
+    """No bodies; the response headers only when ``respond`` (something rides on them)."""
+    return _MODE(
+        request_header_mode=_MODE.SEND,
+        request_body_mode=_MODE.NONE,
+        request_trailer_mode=_MODE.SKIP,
+        response_header_mode=_MODE.SEND if respond else _MODE.SKIP,
+        response_body_mode=_MODE.NONE,
+        response_trailer_mode=_MODE.SKIP,
+    )
+
+
+def _request_body_mode(message: proc_pb2.ProcessingRequest) -> int:
+    """The request body mode this route was configured with (Envoy sends it on the first
+    message), so a mode override keeps it; BUFFERED, as in ``envoy/``, when Envoy did not say."""
+    if message.HasField("protocol_config"):
+        return int(message.protocol_config.request_body_mode)
+    return int(_MODE.BUFFERED)
+
+
 _INSTANCE_PHASE = {"instances": ChargeMode.CHARGE}
 _TOKEN_PHASE = {"tokens": ChargeMode.FORCE}
 _JSON_HEADERS = [("content-type", "application/json"), ("cache-control", "no-store")]
@@ -150,7 +174,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                     immediate = response.immediate_response
                     state.answered_status = int(immediate.status.code)
                     state.refusal = immediate.details.removeprefix("extauthz_")
-                elif state.route is not None:
+                elif state.route is not None or state.decision is not None:
                     outcome = "complete"
                 yield response
                 if state.done:
@@ -214,11 +238,12 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         state.request_id = headers.get("x-request-id", "")
         state.request_encoding = headers.get("content-encoding", "")
         route = snapshot.policy.route_for(path.split("?", 1)[0])
-        if route is None:
+        check = _check_verdict(message)
+        if route is None and check is not None:
+            # Two hops, off the model routes: Check has decided, nothing is left to do here.
             state.done = True
             return envoy.continue_response("request_headers", mode_override=_SKIP_REST)
         state.route = route
-        state.dialect = dialect_for_route(route) or detect_dialect(path)
         state.request_headers = headers
         info = RequestInfo(
             headers=headers,
@@ -228,12 +253,13 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             jwt_payload=_jwt_payload(message, snapshot),
             request_id=state.request_id,
         )
-        check = _check_verdict(message)
         if check is None:
-            # Single hop: no Check ran before this filter, so decide here with the same core.
+            # Single hop: no Check ran before this filter (its metadata is absent), so decide
+            # here with the same core and gate; the request is charged here, once.
             decision = await self._core.decide(info, snapshot=snapshot)
             decision = await self._gate.admit(decision, headers, snapshot)
         else:
+            # Two hops: Check charged the request; reuse its verdict, charge nothing here.
             identity = identify(info, snapshot)
             if identity.client_id != check.identity.client_id:
                 metrics.ERRORS.labels("identity_mismatch").inc()
@@ -251,17 +277,22 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             decision.identity.tier,
             metrics.reason_label(decision.reasons),
         ).inc()
-        metadata = {envoy.EXT_PROC_NAMESPACE: envoy.decision_struct(decision)}
         if not decision.allowed:
             state.done = True
-            status, refusal_headers, body = self._refusal(decision, state)
-            return envoy.immediate(
-                status,
-                refusal_headers,
-                body,
-                details=f"extauthz_{decision.error}",
+            return self._refusal(decision, state, with_metadata=True)
+        metadata = {envoy.EXT_PROC_NAMESPACE: envoy.decision_struct(decision)}
+        if route is None:
+            # Single hop off the model routes: what Check does there (headers and metadata),
+            # then only the response headers, and those only to carry RateLimit fields or a pass.
+            respond = bool(decision.limits or decision.granted_pass)
+            state.done = not respond
+            return envoy.continue_response(
+                "request_headers",
+                mutation=envoy.header_mutation(envoy.upstream_headers(decision)),
                 metadata=metadata,
+                mode_override=_headers_only(respond=respond),
             )
+        state.dialect = dialect_for_route(route) or detect_dialect(path)
         if headers.get("content-type", "").startswith("application/grpc"):
             return await self._grpc_request(state, metadata)
         mutation = envoy.header_mutation(
@@ -269,7 +300,44 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             # Ask the model for an identity-encoded answer so the guard can rewrite it.
             remove=["accept-encoding"],
         )
-        return envoy.continue_response("request_headers", mutation=mutation, metadata=metadata)
+        return envoy.continue_response(
+            "request_headers",
+            mutation=mutation,
+            metadata=metadata,
+            mode_override=self._response_phases(message, state),
+        )
+
+    def _response_phases(
+        self, message: proc_pb2.ProcessingRequest, state: _StreamState
+    ) -> mode_pb2.ProcessingMode | None:
+        """Skip the response body when this route and tier can never need it: no output step,
+        no watermark, no token limit to charge and no detector to feed; skip the response
+        headers too when no RateLimit field or pass rides on them. None keeps the configured
+        mode (the body is needed, or Envoy decides per answer in response_headers)."""
+        assert state.snapshot is not None and state.identity is not None
+        assert state.decision is not None
+        policy = state.snapshot.policy
+        tier = policy.tier(state.identity.tier)
+        marked = self._watermark_keys is not None and (
+            tier.watermark.rate_for(state.level) > 0 or tier.watermark.soft
+        )
+        tokens = (
+            state.dialect is not None
+            and state.dialect.name == "openai"
+            and any(limit.unit == "tokens" for limit in tier.limits)
+        )
+        detect = self._detection is not None and policy.detection.enabled
+        if tier.output_for(state.level) or marked or tokens or detect:
+            return None
+        respond = bool(tier.limits or state.decision.limits or state.decision.granted_pass)
+        return _MODE(
+            request_header_mode=_MODE.SEND,
+            request_body_mode=_request_body_mode(message),
+            request_trailer_mode=_MODE.SKIP,
+            response_header_mode=_MODE.SEND if respond else _MODE.SKIP,
+            response_body_mode=_MODE.NONE,
+            response_trailer_mode=_MODE.SKIP,
+        )
 
     async def _grpc_request(
         self, state: _StreamState, metadata: dict[str, struct_pb2.Struct]
@@ -393,10 +461,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 challenge = self._gate.challenge(
                     state.decision, state.snapshot, instances=instances
                 )
-                status, refusal_headers, refusal_body = self._refusal(challenge, state)
-                return envoy.immediate(
-                    status, refusal_headers, refusal_body, details="extauthz_challenge"
-                )
+                return self._refusal(challenge, state, details="extauthz_challenge")
         metrics.INSTANCES.labels(state.identity.tier).inc(instances)
         limits = self._core.limits_for(
             state.identity, state.snapshot, _INSTANCE_PHASE, cost=instances
@@ -414,6 +479,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             decision = self._core.apply_limits(
                 state.decision, limits, charged.record, state.snapshot
             )
+            decision = _merge_limits(state.decision, decision)
             state.decision = decision
             if not decision.allowed:
                 state.done = True
@@ -423,10 +489,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                     decision.identity.tier,
                     metrics.reason_label(decision.reasons),
                 ).inc()
-                status, refusal_headers, body = self._refusal(decision, state)
-                return envoy.immediate(
-                    status, refusal_headers, body, details="extauthz_rate_limited"
-                )
+                return self._refusal(decision, state, details="extauthz_rate_limited")
         return self._continue_request_body(rewritten_body)
 
     def _continue_request_body(self, body: bytes | None) -> proc_pb2.ProcessingResponse:
@@ -439,16 +502,25 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         )
         return envoy.continue_response("request_body", mutation=mutation, body=body)
 
-    @staticmethod
     def _refusal(
-        decision: Decision, state: _StreamState
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        self,
+        decision: Decision,
+        state: _StreamState,
+        *,
+        details: str = "",
+        with_metadata: bool = False,
+    ) -> proc_pb2.ProcessingResponse:
+        """Refuse with Check's own answer; a refusal on request_headers also sets the metadata
+        (a later one leaves the allowing verdict there, as Check's would be)."""
         headers = state.request_headers
-        return envoy.refusal(
+        return envoy.process_refusal(
             decision,
-            request_id=state.request_id,
-            accept=headers.get("accept", ""),
+            headers,
             path=headers.get(":path", "/"),
+            request_id=state.request_id,
+            captcha=self._gate.widget(state.snapshot) if state.snapshot is not None else None,
+            details=details,
+            with_metadata=with_metadata,
         )
 
     def _refuse_body(
@@ -477,8 +549,19 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
     def _response_headers(
         self, message: proc_pb2.HttpHeaders, state: _StreamState
     ) -> proc_pb2.ProcessingResponse:
-        if state.route is None or state.identity is None or state.snapshot is None:
+        if state.identity is None or state.snapshot is None:
             return envoy.continue_response("response_headers", mode_override=_SKIP_RESPONSE_BODY)
+        # The client's remaining budget and a granted pass travel on the answer.
+        client_headers: list[tuple[str, str]] = []
+        if state.decision is not None:
+            client_headers = envoy.client_headers(
+                state.decision, pass_ttl_s=state.snapshot.policy.challenge.pass_ttl_s
+            )
+        mutation = envoy.header_mutation(append=client_headers) if client_headers else None
+        if state.route is None:  # single hop off the model routes: headers only
+            return envoy.continue_response(
+                "response_headers", mutation=mutation, mode_override=_SKIP_RESPONSE_BODY
+            )
         headers = envoy.header_map_to_dict(message.headers)
         status = headers.get(":status", "0")
         state.response_status = int(status) if status.isdigit() else 0
@@ -504,14 +587,6 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             and state.dialect.name == "openai"
             and any(limit.unit == "tokens" for limit in tier.limits)
         )
-        # The client's remaining instance budget travels on the answer.
-        client_headers: list[tuple[str, str]] = []
-        if state.decision is not None:
-            client_headers += rate_limit_fields(state.decision.limits)
-            client_headers += envoy.grant_headers(
-                state.decision, pass_ttl_s=state.snapshot.policy.challenge.pass_ttl_s
-            )
-        mutation = envoy.header_mutation(append=client_headers) if client_headers else None
         state.detect = (
             readable
             and state.parsed_request is not None
@@ -645,6 +720,16 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             remove=["content-encoding"] if state.response_encoding not in ("", "identity") else [],
         )
         return envoy.continue_response("response_body", mutation=mutation, body=new_body)
+
+
+def _merge_limits(before: Decision, after: Decision) -> Decision:
+    """Keep the limits ``before`` answered for (the request phase, in single hop) beside the
+    ones just applied, each name once, the newest answer winning."""
+    names = {limit.name for limit in after.limits}
+    kept = tuple(limit for limit in before.limits if limit.name not in names)
+    if not kept:
+        return after
+    return dataclasses.replace(after, limits=(*kept, *after.limits))
 
 
 # What a refusal made after the verdict (by its immediate answer's code) means as an action.

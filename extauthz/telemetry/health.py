@@ -49,7 +49,8 @@ def build_http_app(
 
     async def metrics_view(_: web.Request) -> web.Response:
         return web.Response(
-            body=generate_latest(metrics.REGISTRY), headers={"content-type": CONTENT_TYPE_LATEST}
+            body=generate_latest(metrics.exposition_registry()),
+            headers={"content-type": CONTENT_TYPE_LATEST},
         )
 
     app = web.Application()

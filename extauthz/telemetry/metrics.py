@@ -3,18 +3,29 @@
 Label values come from closed sets: the policy's tier names, ``Action`` values, the stable
 error codes, and the vocabularies below (``DECISION_REASONS``, ``STORE_OPS``). Dashboards and
 alerts (k8s monitoring) read the names from here.
+
+Under ``serve --workers N`` every worker process writes its values to files in
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, chosen by that variable
+when prometheus-client is first imported); :func:`exposition_registry` then sums them, so any
+worker's ``/metrics`` shows the whole guard under the same names and labels.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final, ParamSpec, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# Set by the supervisor (workers.py) for its workers; read once, as prometheus-client does.
+MULTIPROC_DIR: Final = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 # Store calls: the embedded store answers in microseconds, Redis in a fraction of a
@@ -176,6 +187,8 @@ POLICY_INFO = Gauge(
     "extauthz_policy_loaded_timestamp_seconds",
     "When the policy in force was loaded.",
     registry=REGISTRY,
+    # Workers: the newest load among live workers (each polls the same file).
+    multiprocess_mode="livemax",
 )
 ADMIN_CALLS = Counter(
     "extauthz_admin_calls",
@@ -183,7 +196,46 @@ ADMIN_CALLS = Counter(
     ["method", "result"],
     registry=REGISTRY,
 )
-READY = Gauge("extauthz_ready", "1 while serving, 0 while starting or draining.", registry=REGISTRY)
+READY = Gauge(
+    "extauthz_ready",
+    "1 while serving, 0 while starting or draining.",
+    registry=REGISTRY,
+    # Workers: 1 only while every live worker serves (a restarting or draining one makes it 0),
+    # one series without a pid label, so the ExtauthzNotReady alert reads it unchanged.
+    multiprocess_mode="livemin",
+)
+
+
+class _Documented(Collector):
+    """Sum the workers' value files, keeping each family's help text from ``REGISTRY``
+    (prometheus-client's multiprocess collector alone writes "Multiprocess metric")."""
+
+    def __init__(self, path: str) -> None:
+        # prometheus-client leaves the multiprocess module untyped.
+        self._merged = MultiProcessCollector(None, path)  # type: ignore[no-untyped-call]
+        self._help = {family.name: family.documentation for family in REGISTRY.collect()}
+
+    def collect(self) -> list[Metric]:
+        families: list[Metric] = list(self._merged.collect())  # type: ignore[no-untyped-call]
+        for family in families:
+            family.documentation = self._help.get(family.name, family.documentation)
+        return families
+
+
+_EXPOSITION: CollectorRegistry | None = None
+
+
+def exposition_registry() -> CollectorRegistry:
+    """Return what ``/metrics`` serves: ``REGISTRY``, or under ``--workers`` the sum over every
+    worker's files (dead workers' counters included, so totals never go backwards)."""
+    global _EXPOSITION
+    if MULTIPROC_DIR is None:
+        return REGISTRY
+    if _EXPOSITION is None:
+        _EXPOSITION = CollectorRegistry(auto_describe=False)
+        _EXPOSITION.register(_Documented(MULTIPROC_DIR))
+    return _EXPOSITION
+
 
 # --- Store calls ---------------------------------------------------------------------------------
 

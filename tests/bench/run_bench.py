@@ -12,7 +12,9 @@ replaced by a ``direct_response`` 200 (no upstream cost):
   f. Envoy + the no-op server as both ext_authz and ext_proc: the floor of two hops;
   g. the full pipeline, two hops: ``extauthz serve`` as ext_authz and ext_proc on a KServe route
      whose direct_response is a 10-class answer; wrk POSTs one instance per request; limits,
-     detectors, keyed noise, rounding and watermarks all run (``bench-pipeline-policy.yaml``).
+     detectors, keyed noise, rounding and watermarks all run (``bench-pipeline-policy.yaml``);
+  h. the same pipeline in one hop (``envoy/envoy-single-hop.yaml``: ext_proc decides alone);
+  i. set-up d with ``--workers 2``: compare its CPU per request with d's (1 worker).
 
 The access log is dropped in all of them, so the numbers are filters and hops, not disk writes.
 Envoy runs with ``--concurrency 1``; wrk with one thread and N connections for D seconds after a
@@ -45,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from extauthz.demo.stack import (
+    ENVOY_SINGLE_HOP_YAML,
+    ENVOY_YAML,
     Ports,
     Process,
     StackError,
@@ -89,13 +93,18 @@ SETUPS: dict[str, str] = {
     "e": "envoy + noop grpc.aio ext_proc",
     "f": "envoy + noop authz + noop ext_proc",
     "g": "full pipeline, two hops (memory)",
+    "h": "full pipeline, single hop (memory)",
+    "i": "envoy + extauthz Check (redis, 2 workers)",
 }
 #: Set-ups whose Envoy keeps the ext_authz filter, and those that keep ext_proc.
-_WITH_AUTHZ = frozenset("bcdfg")
-_WITH_PROC = frozenset("efg")
+_WITH_AUTHZ = frozenset("bcdfgi")
+_WITH_PROC = frozenset("efgh")
 _NOOP = frozenset("bef")
 #: Set-ups that POST a KServe instance to a model route and get a 10-class answer.
-_PIPELINE = frozenset("g")
+_PIPELINE = frozenset("gh")
+#: Set-ups on the single-hop Envoy config, and those whose guard uses Redis.
+_SINGLE_HOP = frozenset("h")
+_REDIS = frozenset("di")
 PIPELINE_POLICY = _HERE / "bench-pipeline-policy.yaml"
 MODEL_PATH = "/v1/models/digits:predict"
 _ANSWER = json.dumps(
@@ -305,10 +314,11 @@ def _authz_server(setup: str, grpc_port: int, workdir: Path) -> Iterator[Process
     else:
         with ExitStack() as resources:
             store = "memory"
-            if setup == "d":
+            if setup in _REDIS:
                 redis_port = free_port()
                 resources.enter_context(_redis_server(redis_port, workdir))
                 store = f"redis://127.0.0.1:{redis_port}/0"
+            workers = ("--workers", "2") if setup == "i" else ()
             policy = BENCH_POLICY
             if setup in _PIPELINE:
                 policy = _pipeline_policy(workdir)
@@ -318,7 +328,7 @@ def _authz_server(setup: str, grpc_port: int, workdir: Path) -> Iterator[Process
                 grpc_port=grpc_port,
                 http_port=free_port(),
                 workdir=workdir,
-                extra_args=("--drain-s", "0", "--store", store),
+                extra_args=("--drain-s", "0", "--store", store, *workers),
             )
             with proc:
                 yield proc
@@ -376,7 +386,8 @@ def run_setup(setup: str, *, base_id: int, opts: BenchOptions, script: Path) -> 
         proc=setup in _WITH_PROC,
         body=_ANSWER if pipeline else "ok\n",
     )
-    config = render_envoy_config(ports, transform=transform)
+    source = ENVOY_SINGLE_HOP_YAML if setup in _SINGLE_HOP else ENVOY_YAML
+    config = render_envoy_config(ports, source=source, transform=transform)
     url = f"http://127.0.0.1:{ports.listener}{MODEL_PATH if pipeline else opts.path}"
     if pipeline:
         script = pipeline_script(opts.workdir)
@@ -415,8 +426,9 @@ def run_setup(setup: str, *, base_id: int, opts: BenchOptions, script: Path) -> 
 
 
 def ratios(results: Sequence[SetupResult]) -> dict[str, float]:
-    """Return c/b and b/a ratios of requests/s and p50/p99 where both set-ups ran."""
+    """Return ratios of requests/s, p50/p99 and CPU per request where both set-ups ran."""
     by_setup = {r.setup: r.result for r in results if r.result is not None}
+    cpu = {r.setup: r.server_cpu_us_per_request for r in results}
     out: dict[str, float] = {}
     for num, den in (
         ("c", "b"),
@@ -428,6 +440,9 @@ def ratios(results: Sequence[SetupResult]) -> dict[str, float]:
         ("f", "a"),
         ("g", "e"),
         ("g", "f"),
+        ("h", "e"),
+        ("h", "g"),
+        ("i", "d"),
     ):
         top, bottom = by_setup.get(num), by_setup.get(den)
         if top is None or bottom is None:
@@ -438,6 +453,9 @@ def ratios(results: Sequence[SetupResult]) -> dict[str, float]:
             out[f"{num}/{den}_p50"] = top.p50_ms / bottom.p50_ms
         if bottom.p99_ms > 0:
             out[f"{num}/{den}_p99"] = top.p99_ms / bottom.p99_ms
+        top_cpu, bottom_cpu = cpu.get(num), cpu.get(den)
+        if top_cpu is not None and bottom_cpu:
+            out[f"{num}/{den}_cpu_per_request"] = top_cpu / bottom_cpu
     return out
 
 
@@ -458,10 +476,12 @@ def format_table(results: Sequence[SetupResult], ratio: dict[str, float]) -> str
             f"{name:<36} {w.requests_per_s:>10.0f} {w.p50_ms:>8.3f} {w.p99_ms:>8.3f}"
             f" {w.non_2xx:>8d} {w.socket_errors:>8d} {cpu:>10}"
         )
-    for key in ("c/b", "d/b", "d/c", "b/a"):
+    for key in ("c/b", "d/b", "d/c", "b/a", "h/e", "h/g", "i/d"):
         rps, p50 = ratio.get(f"{key}_requests_per_s"), ratio.get(f"{key}_p50")
+        cpu = ratio.get(f"{key}_cpu_per_request")
         if rps is not None and p50 is not None:
-            lines.append(f"ratio {key}: req/s x{rps:.3f}, p50 x{p50:.3f}")
+            cpu_text = "" if cpu is None else f", cpu/req x{cpu:.3f}"
+            lines.append(f"ratio {key}: req/s x{rps:.3f}, p50 x{p50:.3f}{cpu_text}")
     return "\n".join(lines)
 
 
@@ -473,7 +493,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=8, help="wrk connections")
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"), help="output")
     parser.add_argument(
-        "--setups", default="abcdefg", help="which set-ups to run, e.g. 'ab' (default: abcdefg)"
+        "--setups", default="abcdefghi", help="which set-ups to run, e.g. 'ab' (default: all)"
     )
     parser.add_argument("--path", default="/", help="request path (default: /)")
     parser.add_argument(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import struct_pb2
 from structlog.testing import capture_logs
 
 from extauthz.telemetry.logs import AUDIT_EVENT
@@ -156,8 +157,20 @@ class TestProcessLine:
         assert unreadable["reasons"][0] == "body_parse_error"
         _no_raw_keys(captured)
 
-    async def test_streams_off_the_model_routes_write_no_line(
+    async def test_two_hop_streams_off_the_model_routes_write_no_line(
         self, guarded: RunningGuard, captured: list[dict[str, Any]]
     ) -> None:
-        await exchange(guarded.extproc, [proc_request_headers("/healthz")])
+        """Check already logged the decision; ext_proc only passes the stream through."""
+        verdict = struct_pb2.Struct()
+        verdict.update({"client": "ip:127.0.0.1", "tier": "anonymous", "risk": "normal",
+                        "level": 0, "action": "allow"})  # fmt: skip
+        await exchange(guarded.extproc, [proc_request_headers("/healthz", check_metadata=verdict)])
         assert _decisions(captured, "process") == []
+
+    async def test_single_hop_streams_off_the_model_routes_write_one_line(
+        self, guarded: RunningGuard, captured: list[dict[str, Any]]
+    ) -> None:
+        """Without Check's metadata ext_proc decides, so it writes the audit line."""
+        await exchange(guarded.extproc, [proc_request_headers("/healthz")])
+        lines = _decisions(captured, "process")
+        assert len(lines) == 1 and lines[0]["action"] == "allow"

@@ -12,11 +12,14 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as proc_pb2
 from google.protobuf import json_format, struct_pb2
 
+from extauthz.challenge.pow import solve
 from tests.integration.service_fixtures import (
     ALICE_KEY,
     ANONYMOUS_MAX_INSTANCES,
     BOB_KEY,
     FREE_MAX_INSTANCES,
+    MALLORY_KEY,
+    UNKNOWN_KEY,
     ProcStream,
     RunningGuard,
     check_request,
@@ -59,11 +62,23 @@ async def _open(
     return stream, answer
 
 
+def _check_verdict(client: str = ANON_CLIENT, tier: str = "anonymous") -> struct_pb2.Struct:
+    """Check's allowing verdict, as Envoy forwards it to ext_proc in two-hop mode."""
+    verdict = struct_pb2.Struct()
+    verdict.update(
+        {"client": client, "tier": tier, "risk": "normal", "level": 0, "action": "allow"}
+    )
+    return verdict
+
+
 class TestRequestHeaders:
     """request_headers: unknown paths are skipped; model routes get identity headers and metadata."""
 
     async def test_unknown_path_skips_the_rest(self, guarded: RunningGuard) -> None:
-        stream, answer = await _open(guarded, path="/static/logo.png")
+        # Two hops: Check decided this request already.
+        stream, answer = await _open(
+            guarded, path="/static/logo.png", check_metadata=_check_verdict()
+        )
         assert answer.WhichOneof("response") == "request_headers"
         mode = answer.mode_override
         assert mode.request_body_mode == MODE.NONE
@@ -363,3 +378,194 @@ class TestCheckThenExtProc:
         await stream.finish()
         record = await guarded.guard.store.get_client(ANON_CLIENT)
         assert record is not None and record.requests == 1
+
+
+def _denied(check: object) -> tuple[int, dict[str, str], bytes]:
+    """Check's denied_response as (status, headers, body)."""
+    denied = check.denied_response  # type: ignore[attr-defined]
+    headers = {k: option_value(v) for k, v in header_options(denied.headers).items()}
+    return int(denied.status.code), headers, denied.body.encode()
+
+
+def _immediate(answer: proc_pb2.ProcessingResponse) -> tuple[int, dict[str, str], bytes]:
+    """ext_proc's ImmediateResponse as (status, headers, body)."""
+    assert answer.HasField("immediate_response"), answer
+    immediate = answer.immediate_response
+    headers = {k: option_value(v) for k, v in header_options(immediate.headers.set_headers).items()}
+    return int(immediate.status.code), headers, immediate.body
+
+
+async def _pin(guarded: RunningGuard, client: str, level: str) -> None:
+    await guarded.guard.store.set_level(
+        client, level=level, blocked=False, reason="test", now=guarded.clock(), ttl_s=None
+    )
+
+
+class TestSingleHopAnswers:
+    """Without Check's metadata, request_headers answers exactly what Check would have answered."""
+
+    @pytest.mark.parametrize(
+        ("headers", "status"),
+        [({"x-api-key": MALLORY_KEY}, 403), ({"x-api-key": UNKNOWN_KEY}, 401)],
+        ids=["deny_listed", "unknown_key"],
+    )
+    async def test_refusal_is_checks_own(
+        self, guarded: RunningGuard, headers: dict[str, str], status: int
+    ) -> None:
+        check = await guarded.authz.Check(check_request(headers, address="127.0.0.2"))
+        stream, answer = await _open(guarded, headers=headers)
+        assert await stream.finish() == grpc.StatusCode.OK
+        assert _immediate(answer) == _denied(check)
+        assert _immediate(answer)[0] == status
+        metadata = json_format.MessageToDict(answer.dynamic_metadata)["extauthz"]
+        assert metadata["action"] == "block"
+
+    async def test_throttle_carries_retry_after_and_ratelimit_fields(self, tmp_path: Path) -> None:
+        metered = policy_yaml().replace(
+            "  anonymous:\n",
+            "  anonymous:\n    limits: [{name: per-minute, unit: requests, rate: 2, per: minute}]\n",
+        )
+        async with running_guard(tmp_path, metered) as running:
+            answers = []
+            for _ in range(3):
+                stream, answer = await _open(running)
+                answers.append(answer)
+                await stream.finish()
+        assert [a.WhichOneof("response") for a in answers[:2]] == ["request_headers"] * 2
+        status, headers, body = _immediate(answers[2])
+        assert status == 429
+        assert int(headers["retry-after"]) > 0
+        assert headers["ratelimit"].startswith('"anonymous:per-minute";r=0')
+        assert "ratelimit-policy" in headers
+        assert json.loads(body)["error"] == "rate_limited"
+
+    async def test_challenge_then_solution_then_pass(self, guarded: RunningGuard) -> None:
+        await _pin(guarded, ANON_CLIENT, "suspicious")
+        stream, answer = await _open(guarded)
+        await stream.finish()
+        status, headers, body = _immediate(answer)
+        assert status == 401
+        assert headers["www-authenticate"].startswith("ExtauthzPoW")
+        challenge = json.loads(body)["challenge"]
+        solution = f"{challenge['token']}:{solve(challenge['token'], challenge['difficulty'])}"
+
+        stream, answer = await _open(guarded, headers={"x-extauthz-pow": solution})
+        assert answer.request_headers.response.status == CONTINUE
+        await stream.send(proc_request_body(kserve_body(1)))
+        granted = await stream.send(proc_response_headers())
+        await stream.finish()
+        options = header_options(granted.response_headers.response.header_mutation.set_headers)
+        token = option_value(options["x-extauthz-pass"])
+        assert "extauthz_pass=" in option_value(options["set-cookie"])
+
+        stream, answer = await _open(guarded, headers={"x-extauthz-pass": token})
+        assert answer.request_headers.response.status == CONTINUE
+        await stream.finish()
+
+    async def test_browser_gets_the_challenge_page(self, guarded: RunningGuard) -> None:
+        await _pin(guarded, ANON_CLIENT, "suspicious")
+        stream, answer = await _open(guarded, headers={"accept": "text/html"})
+        await stream.finish()
+        status, headers, body = _immediate(answer)
+        assert status == 401
+        assert headers["content-type"].startswith("text/html")
+        assert "content-security-policy" in headers
+        assert b"<html" in body.lower()
+
+
+class TestSingleHopOffModelRoutes:
+    """Without Check, paths off the model routes are still decided and charged, headers only."""
+
+    async def test_decided_charged_and_headers_only(self, guarded: RunningGuard) -> None:
+        stream, answer = await _open(guarded, path="/static/logo.png")
+        common = answer.request_headers.response
+        options = header_options(common.header_mutation.set_headers)
+        assert option_value(options["x-extauthz-client"]) == ANON_CLIENT
+        assert "accept-encoding" not in common.header_mutation.remove_headers
+        mode = answer.mode_override
+        assert (mode.request_body_mode, mode.response_body_mode) == (MODE.NONE, MODE.NONE)
+        assert mode.response_header_mode == MODE.SKIP  # no limit, no pass: nothing to add
+        assert await stream.finish() == grpc.StatusCode.OK
+        record = await guarded.guard.store.get_client(ANON_CLIENT)
+        assert record is not None and (record.requests, record.instances) == (1, 0)
+
+    async def test_deny_listed_key_is_refused_off_the_model_routes(
+        self, guarded: RunningGuard
+    ) -> None:
+        stream, answer = await _open(
+            guarded, path="/static/logo.png", headers={"x-api-key": MALLORY_KEY}
+        )
+        await stream.finish()
+        assert _immediate(answer)[0] == 403
+
+
+def _with_trusted(extra: str) -> str:
+    """The test policy with ``extra`` lines added to the passthrough tier."""
+    return policy_yaml().replace(
+        "    output: {policy: passthrough}\n", f"    output: {{policy: passthrough}}\n{extra}"
+    )
+
+
+class TestPhases:
+    """request_headers skips the response body when the tier can never need it."""
+
+    async def test_passthrough_tier_skips_the_response(self, guarded: RunningGuard) -> None:
+        stream, answer = await _open(guarded, headers={"x-api-key": BOB_KEY})
+        mode = answer.mode_override
+        assert answer.HasField("mode_override")
+        assert mode.request_body_mode == MODE.BUFFERED  # instances are still counted
+        assert mode.response_header_mode == MODE.SKIP
+        assert mode.response_body_mode == MODE.NONE
+        await stream.send(proc_request_body(kserve_body(2)))
+        await stream.finish()
+        record = await guarded.guard.store.get_client("key:bob")
+        assert record is not None and record.instances == 2
+
+    async def test_configured_request_body_mode_is_kept(self, guarded: RunningGuard) -> None:
+        message = proc_request_headers(headers={"x-api-key": BOB_KEY})
+        message.protocol_config.request_body_mode = MODE.STREAMED
+        stream = ProcStream(guarded.extproc)
+        answer = await stream.send(message)
+        await stream.finish()
+        assert answer.mode_override.request_body_mode == MODE.STREAMED
+
+    async def test_limits_keep_the_response_headers(self, tmp_path: Path) -> None:
+        policy = _with_trusted(
+            "    limits: [{name: per-minute, unit: requests, rate: 100, per: minute}]\n"
+        )
+        async with running_guard(tmp_path, policy) as running:
+            stream, answer = await _open(running, headers={"x-api-key": BOB_KEY})
+            assert answer.mode_override.response_header_mode == MODE.SEND
+            assert answer.mode_override.response_body_mode == MODE.NONE
+            await stream.send(proc_request_body(kserve_body(1)))
+            reply = await stream.send(proc_response_headers())
+            await stream.finish()
+        options = header_options(reply.response_headers.response.header_mutation.set_headers)
+        assert option_value(options["ratelimit"]).startswith('"trusted:per-minute";r=99')
+
+    @pytest.mark.parametrize(
+        "extra",
+        [
+            "    watermark: {label_rate: 0.1}\n",
+            "    limits: [{name: tokens, unit: tokens, rate: 1000, per: day}]\n",
+        ],
+        ids=["watermark", "token_limit"],
+    )
+    async def test_needed_response_body_is_not_skipped(self, tmp_path: Path, extra: str) -> None:
+        policy = _with_trusted(extra)
+        if "tokens" in extra:
+            policy = policy.replace(
+                "routes:\n", "routes:\n  - {prefix: /v1/chat/completions, dialect: openai}\n"
+            )
+        async with running_guard(tmp_path, policy) as running:
+            path = "/v1/chat/completions" if "tokens" in extra else "/v1/models/m:predict"
+            stream, answer = await _open(running, path=path, headers={"x-api-key": BOB_KEY})
+            await stream.finish()
+        assert not answer.HasField("mode_override")
+
+    async def test_detection_keeps_the_response_body(self, tmp_path: Path) -> None:
+        policy = _with_trusted("") + "detection: {enabled: true}\n"
+        async with running_guard(tmp_path, policy) as running:
+            stream, answer = await _open(running, headers={"x-api-key": BOB_KEY})
+            await stream.finish()
+        assert not answer.HasField("mode_override")

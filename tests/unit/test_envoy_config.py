@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from extauthz.demo.stack import (
+    ENVOY_SINGLE_HOP_YAML,
     ENVOY_YAML,
     Ports,
     StackError,
@@ -210,6 +211,17 @@ class TestEnvoyValidate:
             assert ("envoy.filters.http.ext_authz" in names) is authz
             assert ("envoy.filters.http.ext_proc" in names) is proc
             validate_envoy_config(config, workdir=tmp_path)
+
+    def test_bench_single_hop_variant_validates(self, tmp_path: Path) -> None:
+        _require_envoy()
+        from tests.bench.run_bench import _ANSWER, bench_transform
+
+        transform = bench_transform(authz=False, proc=True, body=_ANSWER)
+        config = render_envoy_config(PORTS, source=ENVOY_SINGLE_HOP_YAML, transform=transform)
+        names = [f["name"] for f in _hcm(yaml.safe_load(config))["http_filters"]]
+        assert "envoy.filters.http.ext_authz" not in names
+        assert "envoy.filters.http.ext_proc" in names
+        validate_envoy_config(config, workdir=tmp_path)
 
     def test_invalid_config_is_rejected(self, tmp_path: Path) -> None:
         _require_envoy()

@@ -147,3 +147,40 @@ class TestValidation:
         with pytest.raises(ValueError, match="max_message_bytes"):
             Settings(max_message_bytes=10).validate()
         Settings().validate()
+
+
+class TestWorkers:
+    """``--workers``/EXTAUTHZ_WORKERS: one process by default; more need a shared store and fixed ports."""
+
+    _REDIS = "redis://cache:6379/0"
+
+    def test_one_worker_by_default(self) -> None:
+        assert from_env({}, {}).workers == 1
+
+    def test_flag_and_variable_are_read(self) -> None:
+        environ = {"EXTAUTHZ_WORKERS": "3", "EXTAUTHZ_STORE_URL": self._REDIS}
+        assert from_env({}, environ).workers == 3
+        assert from_env({"workers": 2}, environ).workers == 2  # the flag wins
+
+    @pytest.mark.parametrize("value", ["0", "-2"])
+    def test_zero_or_negative_is_refused(self, value: str) -> None:
+        with pytest.raises(ValueError, match="workers: must be at least 1"):
+            from_env({}, {"EXTAUTHZ_WORKERS": value, "EXTAUTHZ_STORE_URL": self._REDIS})
+
+    def test_not_a_number_names_the_setting(self) -> None:
+        with pytest.raises(ValueError, match="workers: cannot read"):
+            from_env({}, {"EXTAUTHZ_WORKERS": "two"})
+
+    def test_several_workers_refuse_the_memory_store(self) -> None:
+        """Each worker would keep its own counters: N workers would grant N times every limit."""
+        with pytest.raises(ValueError, match=r"--workers needs a shared store \(redis://\.\.\.\)"):
+            from_env({"workers": 2}, {})
+
+    def test_one_worker_keeps_the_memory_store(self) -> None:
+        assert from_env({"workers": 1}, {}).store_url == "memory"
+
+    @pytest.mark.parametrize("port", ["grpc_port", "http_port"])
+    def test_several_workers_refuse_port_zero(self, port: str) -> None:
+        """Port 0 picks a port per bind: the workers would not share one port."""
+        with pytest.raises(ValueError, match="fixed ports"):
+            from_env({"workers": 2, "store_url": self._REDIS, port: 0}, {})
