@@ -89,6 +89,11 @@ class Charged:
     degraded: bool = False
 
 
+_ChargesKey = tuple[str, str, str, int, int]
+_Charges = tuple[tuple[Limit, LimitCharge], ...]
+# Bounded: one entry per active client and cost; cleared when full.
+_MAX_CACHED_CHARGES = 16_384
+
 _STATUS = {Action.ALLOW: 200, Action.THROTTLE: 429, Action.CHALLENGE: 401, Action.BLOCK: 403}
 
 
@@ -113,6 +118,10 @@ class DecisionCore:
         self._budget_s = budget_s
         self._local = local_store
         self._replicas = max(1, replicas)
+        # limits_for's answers for the current snapshot: a client's charges are the same
+        # on every request but for their cost.
+        self._charges_of: Snapshot | None = None
+        self._charges: dict[_ChargesKey, tuple[dict[str, ChargeMode], _Charges]] = {}
 
     @property
     def store(self) -> Store:
@@ -221,6 +230,27 @@ class DecisionCore:
         cost: int,
     ) -> list[tuple[Limit, LimitCharge]]:
         """The tier's limits on the units in ``modes``, as charges of ``cost`` (1 for probes)."""
+        if snapshot is not self._charges_of:
+            self._charges_of = snapshot
+            self._charges = {}
+        key = (identity.client_id, identity.tier, identity.address, id(modes), cost)
+        cached = self._charges.get(key)
+        if cached is not None and cached[0] is modes:
+            return list(cached[1])
+        charges = self._limits_for(identity, snapshot, modes, cost=cost)
+        if len(self._charges) >= _MAX_CACHED_CHARGES:
+            self._charges.clear()
+        self._charges[key] = (modes, tuple(charges))
+        return charges
+
+    def _limits_for(
+        self,
+        identity: Identity,
+        snapshot: Snapshot,
+        modes: dict[str, ChargeMode],
+        *,
+        cost: int,
+    ) -> list[tuple[Limit, LimitCharge]]:
         tier = snapshot.policy.tiers.get(identity.tier)
         if tier is None or not tier.limits:
             return []
@@ -316,5 +346,11 @@ class DecisionCore:
         )
 
 
+_FIELDS = tuple(f.name for f in dataclasses.fields(Decision))
+
+
 def _with(decision: Decision, **changes: object) -> Decision:
-    return dataclasses.replace(decision, **changes)  # type: ignore[arg-type]
+    """``dataclasses.replace`` without its per-call field checks (half its cost)."""
+    values = {name: getattr(decision, name) for name in _FIELDS}
+    values.update(changes)
+    return Decision(**values)

@@ -41,6 +41,7 @@ import numpy.typing as npt
 from extauthz.detect.base import Observation, Verdict
 
 __all__ = [
+    "BatchFingerprintIndex",
     "CrossClientDetector",
     "FingerprintDetector",
     "FingerprintIndex",
@@ -67,7 +68,7 @@ _NONFINITE_CODE: Final = -1
 _EMPTY: Final = np.uint64(0)
 # Up to this many evicted slots are found by comparisons, more by a table lookup.
 _FEW_SLOTS: Final = 8
-_STATE_MAGIC: Final = b"FP1"
+_STATE_MAGIC: Final = b"FP2"
 _CROSS_MAGIC: Final = b"XC1"
 # FingerprintDetector state header: magic, top, max_entries, entries stored, queries seen.
 _FP_HEADER: Final = struct.Struct("<3sHIIQ")
@@ -204,11 +205,18 @@ def _expand(lo: I64, hi: I64) -> tuple[I64, I64]:
     return owner, position
 
 
+#: Up to this many (owner, other) cells, pairs are counted in a dense table, not sorted.
+_DENSE_CELLS: Final = 1 << 20
+
+
 def _max_per_owner(owner: I64, other: I64, rows: int, others: int) -> I64:
     """Return, per owner row, the largest number of pairs it has with any single ``other``."""
     best = np.zeros(rows, dtype=np.int64)
     if owner.size == 0:
         return best
+    if rows * others <= _DENSE_CELLS:
+        counts = np.bincount(owner * others + other, minlength=rows * others)
+        return np.asarray(counts.reshape(rows, others).max(axis=1), dtype=np.int64)
     pairs, counts = np.unique(owner * others + other, return_counts=True)
     np.maximum.at(best, pairs // others, counts)
     return best
@@ -229,6 +237,23 @@ def _batch_matches(hashes: U64) -> I64:
     group_start = np.maximum.accumulate(np.where(new_group, np.arange(flat.size), 0))
     owner, position = _expand(group_start, np.arange(flat.size, dtype=np.int64))
     return _max_per_owner(row[owner], row[position], n, max(n, 1))
+
+
+def _row_digests(hashes: U64) -> tuple[U64, I64]:
+    """Return a 64-bit digest of each row's set of distinct non-zero hashes (0: an empty row)
+    and the set's size: equal digests are the same canonical input."""
+    ordered = np.sort(hashes, axis=1)
+    keep = ordered != _EMPTY
+    keep[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
+    sizes = keep.sum(axis=1).astype(np.int64)
+    cleaned = np.where(keep, ordered, _EMPTY).astype("<u8")
+    digests = np.frombuffer(
+        b"".join(hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in cleaned),
+        dtype="<u8",
+    ).astype(np.uint64)
+    digests[digests == _EMPTY] = np.uint64(1)
+    digests[sizes == 0] = _EMPTY
+    return digests, sizes
 
 
 def _push_history(history: npt.NDArray[np.uint8], seen: int, flags: npt.NDArray[np.bool_]) -> None:
@@ -255,11 +280,14 @@ class FingerprintDetector:
 
     The state holds the fingerprints of the client's last ``max_entries`` queries as one sorted
     ``(hash, slot)`` index (slot = query number mod ``max_entries``; the oldest slot is evicted
-    when reused) and the flags of its last :data:`HISTORY` queries: 10 bytes per stored hash, so
-    about ``10 * top * max_entries`` bytes at most (2 MB at the defaults). A query is a
+    when reused), a digest of each slot's hash set, and the flags of its last :data:`HISTORY`
+    queries: 10 bytes per stored hash and 8 per slot, so about ``(10 * top + 8) * max_entries``
+    bytes at most (2 MB at the defaults). A query is a
     near-duplicate when it shares more than ``match_threshold`` hashes with one earlier query of
     the client (an exact repeat included). Queries of one batch are compared with the stored ones
-    and with the batch's earlier rows; slots reused by the batch are evicted after the batch.
+    and with the batch's earlier rows; slots reused by the batch are evicted after the batch. An
+    exact repeat (its digest equals a live slot's or an earlier row's) matches all its hashes
+    and is found by its digest, so a client repeating one input costs no posting scans.
     """
 
     name = "fingerprint"
@@ -290,30 +318,58 @@ class FingerprintDetector:
         hashes = np.asarray(hashes, dtype=np.uint64)
         if hashes.ndim != 2 or hashes.shape[1] != top:
             raise ValueError(f"expected (n, {top}) fingerprints, got shape {hashes.shape}")
-        values, slots, history, seen = self._load(state)
+        values, slots, digests, history, seen = self._load(state)
         n = hashes.shape[0]
         if n == 0:
-            return self._dump(values, slots, history, seen), _share_verdict(
+            return self._dump(values, slots, digests, history, seen), _share_verdict(
                 history, seen, "near_duplicates", None
             )
-        # Matches against the stored queries: a binary search per hash, then pairs per slot.
-        query_values = hashes.ravel()
-        lo = np.searchsorted(values, query_values, side="left").astype(np.int64)
-        hi = np.searchsorted(values, query_values, side="right").astype(np.int64)
-        hi = np.where(query_values == _EMPTY, lo, hi)
-        owner, position = _expand(lo, hi)
-        stored = _max_per_owner(owner // top, slots[position].astype(np.int64), n, self.max_entries)
-        matches = np.maximum(stored, _batch_matches(hashes))
+        row_digests, sizes = _row_digests(hashes)
+        first = np.ones(n, dtype=bool)
+        if n > 1:
+            first[:] = False
+            first[np.unique(row_digests, return_index=True)[1]] = True
+        if n * digests.size <= _DENSE_CELLS:
+            stored_copy = (row_digests[:, None] == digests[None, :]).any(axis=1)
+        else:
+            stored_copy = np.isin(row_digests, digests)
+        # An exact repeat (of a live stored query or of an earlier row) shares all its hashes:
+        # its best match is its size, without reading the postings of every copy.
+        repeat = (row_digests != _EMPTY) & (~first | stored_copy)
+        matches = np.where(repeat, sizes, 0)
+        rest = np.flatnonzero(~repeat)
+        if rest.size:
+            # Against the stored queries: a binary search per hash, then pairs per slot.
+            query_values = hashes[rest].ravel()
+            lo = np.searchsorted(values, query_values, side="left").astype(np.int64)
+            hi = np.searchsorted(values, query_values, side="right").astype(np.int64)
+            hi = np.where(query_values == _EMPTY, lo, hi)
+            owner, position = _expand(lo, hi)
+            stored = _max_per_owner(
+                owner // top, slots[position].astype(np.int64), rest.size, self.max_entries
+            )
+            # Against the batch's earlier rows: one copy of each canonical input is enough.
+            firsts = np.flatnonzero(first)
+            if firsts.size > 1:
+                earlier = _batch_matches(hashes[firsts])[np.searchsorted(firsts, rest)]
+                stored = np.maximum(stored, earlier)
+            matches[rest] = stored
         flags = matches > self.match_threshold
         _push_history(history, seen, flags)
-        values, slots = self._insert(values, slots, hashes, seen)
+        values, slots, digests = self._insert(values, slots, digests, hashes, row_digests, seen)
         seen += n
         verdict = _share_verdict(history, seen, "near_duplicates", matches)
-        return self._dump(values, slots, history, seen), verdict
+        return self._dump(values, slots, digests, history, seen), verdict
 
     def _insert(
-        self, values: U64, slots: npt.NDArray[np.uint16], hashes: U64, seen: int
-    ) -> tuple[U64, npt.NDArray[np.uint16]]:
+        self,
+        values: U64,
+        slots: npt.NDArray[np.uint16],
+        digests: U64,
+        hashes: U64,
+        row_digests: U64,
+        seen: int,
+    ) -> tuple[U64, npt.NDArray[np.uint16], U64]:
         """Evict the slots the new queries reuse, then merge their hashes into the index."""
         n, top = hashes.shape
         kept_rows = hashes[-self.max_entries :]
@@ -328,8 +384,10 @@ class FingerprintDetector:
                 reused = np.zeros(self.max_entries, dtype=bool)
                 reused[new_slots] = True
                 evicted = reused[slots]
-            gone = np.flatnonzero(evicted)
-            values, slots = np.delete(values, gone), np.delete(slots, gone)
+            kept = ~evicted
+            values, slots = values[kept], slots[kept]
+        digests = digests.copy()
+        digests[new_slots] = row_digests[-self.max_entries :]
         flat = kept_rows.ravel()
         flat_slots = np.repeat(new_slots, top)
         keep = flat != _EMPTY
@@ -337,47 +395,53 @@ class FingerprintDetector:
         order = np.argsort(flat, kind="stable")
         flat, flat_slots = flat[order], flat_slots[order]
         at = np.searchsorted(values, flat, side="right")  # after equal ones: arrival order
-        return np.insert(values, at, flat), np.insert(slots, at, flat_slots)
+        return np.insert(values, at, flat), np.insert(slots, at, flat_slots), digests
 
     def _unchanged(self, state: bytes | None) -> tuple[bytes, Verdict]:
-        values, slots, history, seen = self._load(state)
-        return self._dump(values, slots, history, seen), _share_verdict(
+        values, slots, digests, history, seen = self._load(state)
+        return self._dump(values, slots, digests, history, seen), _share_verdict(
             history, seen, "near_duplicates", None
         )
 
     def _load(
         self, state: bytes | None
-    ) -> tuple[U64, npt.NDArray[np.uint16], npt.NDArray[np.uint8], int]:
+    ) -> tuple[U64, npt.NDArray[np.uint16], U64, npt.NDArray[np.uint8], int]:
         """Parse state bytes; a missing or foreign state (other settings) starts afresh."""
         fresh = (
             np.zeros(0, dtype=np.uint64),
             np.zeros(0, dtype=np.uint16),
+            np.zeros(self.max_entries, dtype=np.uint64),
             np.zeros(HISTORY, dtype=np.uint8),
             0,
         )
-        if not state or len(state) < _FP_HEADER.size + HISTORY:
+        fixed = _FP_HEADER.size + HISTORY + 8 * self.max_entries
+        if not state or len(state) < fixed:
             return fresh
         magic, top, max_entries, entries, seen = _FP_HEADER.unpack_from(state)
-        expected = _FP_HEADER.size + HISTORY + entries * 10
         if (
             magic != _STATE_MAGIC
             or top != self.fingerprinter.top
             or max_entries != self.max_entries
-            or len(state) != expected
+            or len(state) != fixed + entries * 10
         ):
             return fresh
         offset = _FP_HEADER.size
         history = np.frombuffer(state, np.uint8, HISTORY, offset).copy()
         offset += HISTORY
+        digests = np.frombuffer(state, "<u8", self.max_entries, offset).astype(
+            np.uint64, copy=False
+        )
+        offset += 8 * self.max_entries
         values = np.frombuffer(state, "<u8", entries, offset).astype(np.uint64, copy=False)
         offset += 8 * entries
         slots = np.frombuffer(state, "<u2", entries, offset).astype(np.uint16, copy=False)
-        return values, slots, history, int(seen)
+        return values, slots, digests, history, int(seen)
 
     def _dump(
         self,
         values: U64,
         slots: npt.NDArray[np.uint16],
+        digests: U64,
         history: npt.NDArray[np.uint8],
         seen: int,
     ) -> bytes:
@@ -388,8 +452,9 @@ class FingerprintDetector:
             (
                 header,
                 history.tobytes(),
+                digests.astype("<u8", copy=False).tobytes(),
                 values.astype("<u8", copy=False).tobytes(),
-                slots.astype("<u2").tobytes(),
+                slots.astype("<u2", copy=False).tobytes(),
             )
         )
 
@@ -403,10 +468,25 @@ class FingerprintIndex(Protocol):
         ...
 
 
+class BatchFingerprintIndex(FingerprintIndex, Protocol):
+    """A :class:`FingerprintIndex` that also takes one request's rows in one call."""
+
+    async def observe_batch(self, client_id: str, hashes: U64, now: float) -> I64:
+        """Do :meth:`observe` for each row of (n, top) ``hashes`` in order; return n answers."""
+        ...
+
+
 async def observe_all(index: FingerprintIndex, client_id: str, hashes: U64, now: float) -> I64:
-    """Observe each row of (n, top) ``hashes`` in order; return the n answers."""
-    answers = [await index.observe(client_id, row, now) for row in hashes]
-    return np.asarray(answers, dtype=np.int64)
+    """Observe each row of (n, top) ``hashes`` in order; return the n answers.
+
+    An index with ``observe_batch`` takes the whole request at once (one lookup, one insert).
+    """
+    batch = getattr(index, "observe_batch", None)
+    if batch is not None:
+        answers: I64 = await batch(client_id, hashes, now)
+        return answers
+    rows = [await index.observe(client_id, row, now) for row in hashes]
+    return np.asarray(rows, dtype=np.int64)
 
 
 def _client_tag(client_id: str) -> int:
@@ -414,19 +494,39 @@ def _client_tag(client_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(client_id.encode(), digest_size=8).digest(), "little")
 
 
+def _distinct_rows(hashes: npt.ArrayLike) -> tuple[U64, I64, I64]:
+    """Return each row's distinct non-zero hashes, flat and row by row ascending, with their
+    row numbers and each row's count."""
+    table = np.asarray(hashes, dtype=np.uint64)
+    table = table.reshape(1, -1) if table.ndim == 1 else table.reshape(table.shape[0], -1)
+    ordered = np.sort(table, axis=1)
+    keep = ordered != _EMPTY
+    keep[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
+    rows = np.repeat(np.arange(table.shape[0], dtype=np.int64), table.shape[1])
+    flat_keep = keep.ravel()
+    return ordered.ravel()[flat_keep], rows[flat_keep], keep.sum(axis=1).astype(np.int64)
+
+
 #: The most postings of one hash a lookup reads per segment of the cross-client index.
 MAX_POSTINGS: Final = 64
+#: Queries the cross-client index gathers in its small sorted tail before merging them into the
+#: newest segment: a query's insertion copies the tail, not the whole segment.
+TAIL_QUERIES: Final = 128
 
 
 class MemoryFingerprintIndex:
     """:class:`FingerprintIndex` in one process: sorted segments of ``(hash, query number)``.
 
     Queries are numbered in arrival order; their client tag and time sit in rings of
-    ``max_queries``. Fingerprints go to the newest sorted segment (``segment_queries`` queries
-    each, merged by binary-search insertion); a lookup is a binary search per hash per segment.
-    Hits older than ``ttl_s`` or more than ``max_queries`` queries back are ignored, and whole
-    segments are dropped once all their queries are (oldest first), so memory stays within
-    ``max_queries + segment_queries`` fingerprints.
+    ``max_queries``. Fingerprints go to a small sorted tail (at most :data:`TAIL_QUERIES`
+    queries, merged by binary-search insertion), which is merged into the newest sorted segment
+    (``segment_queries`` queries each) when it fills or the segment is complete: so a query's
+    insertion copies the tail, and a segment is copied once per tail. The tail is part of the
+    newest segment for lookups, a binary search per hash per segment reading the newest
+    :data:`MAX_POSTINGS` postings of each hash per segment. Hits older than ``ttl_s`` or more
+    than ``max_queries`` queries back are ignored, and whole segments are dropped once all their
+    queries are (oldest first), so memory stays within ``max_queries + segment_queries``
+    fingerprints.
     """
 
     def __init__(
@@ -440,69 +540,132 @@ class MemoryFingerprintIndex:
         self._clients = np.zeros(max_queries, dtype=np.uint64)
         self._times = np.full(max_queries, -np.inf, dtype=np.float64)
         self._next = 0  # the next query number
-        # Each segment: (first query number, sorted hashes, their query numbers).
+        # Each segment: (first query number, sorted hashes, their query numbers); equal hashes
+        # sit newest first.
         self._segments: list[tuple[int, U64, I64]] = []
+        # The newest segment's latest queries, not merged yet: sorted the same way.
+        self._tail_values: U64 = np.zeros(0, dtype=np.uint64)
+        self._tail_numbers: I64 = np.zeros(0, dtype=np.int64)
+        self._tail_queries = 0
 
     def __len__(self) -> int:
         """Return the number of fingerprint hashes held (for tests and metrics)."""
-        return sum(values.size for _, values, _ in self._segments)
+        return self._tail_values.size + sum(values.size for _, values, _ in self._segments)
 
     async def observe(self, client_id: str, hashes: np.ndarray, now: float) -> int:
         """Return the best non-identical match with another client, then record the query."""
         return self.observe_sync(client_id, hashes, now)
 
+    async def observe_batch(self, client_id: str, hashes: U64, now: float) -> I64:
+        """Do :meth:`observe` for each row of (n, top) ``hashes``; return the n answers."""
+        return self.observe_rows(client_id, hashes, now)
+
     def observe_sync(self, client_id: str, hashes: np.ndarray, now: float) -> int:
         """Do :meth:`observe` without the event loop."""
-        query = np.asarray(hashes, dtype=np.uint64).ravel()
-        query = np.unique(query[query != _EMPTY])
+        return int(self.observe_rows(client_id, np.asarray(hashes).reshape(1, -1), now)[0])
+
+    def observe_rows(self, client_id: str, hashes: npt.ArrayLike, now: float) -> I64:
+        """Look every row up, then record them in order: the same answers as one row at a
+        time, since a client's rows never match each other (only other clients count)."""
+        flat, rows, sizes = _distinct_rows(hashes)
         tag = np.uint64(_client_tag(client_id))
-        best = self._best_match(query, tag, now)
-        self._record(query, tag, now)
+        best = self._best_matches(flat, rows, sizes, tag, now)
+        self._record(flat, rows, sizes.size, tag, now)
         return best
 
-    def _best_match(self, query: U64, tag: np.uint64, now: float) -> int:
-        if query.size == 0 or not self._segments:
-            return 0
-        found: list[I64] = []
-        for _, values, numbers in self._segments:
-            lo = np.searchsorted(values, query, side="left").astype(np.int64)
-            hi = np.searchsorted(values, query, side="right").astype(np.int64)
-            # Equal hashes sit newest first (insertion goes left of them): keep the newest
-            # MAX_POSTINGS. A hash that many queries share says little, and one client
-            # repeating an input must not make every lookup scan all its repeats.
-            hi = np.minimum(hi, lo + MAX_POSTINGS)
-            _, position = _expand(lo, hi)
-            found.append(numbers[position])
-        hits = np.concatenate(found)
-        ring = hits % self.max_queries
+    def _best_matches(self, flat: U64, rows: I64, sizes: I64, tag: np.uint64, now: float) -> I64:
+        n = sizes.size
+        best = np.zeros(n, dtype=np.int64)
+        if flat.size == 0 or not self._segments:
+            return best
+        hits: list[I64] = []
+        owners: list[I64] = []
+        # Newest first: the tail, then the segment it belongs to (sharing one budget), then
+        # older ones. A hash that many queries share says little, and one client repeating an
+        # input must not make every lookup scan all its repeats.
+        budget = np.full(flat.size, MAX_POSTINGS, dtype=np.int64)
+        parts = [(self._tail_values, self._tail_numbers)]
+        parts.extend((values, numbers) for _, values, numbers in reversed(self._segments))
+        for at, (values, numbers) in enumerate(parts):
+            read = np.zeros(flat.size, dtype=np.int64)
+            if values.size:
+                lo = np.searchsorted(values, flat, side="left").astype(np.int64)
+                hi = np.minimum(np.searchsorted(values, flat, side="right"), lo + budget)
+                read = hi - lo
+                owner, position = _expand(lo, hi)
+                hits.append(numbers[position])
+                owners.append(rows[owner])
+            budget = MAX_POSTINGS - read if at == 0 else np.full(flat.size, MAX_POSTINGS)
+        if not hits:
+            return best
+        found = np.concatenate(hits)
+        ring = found % self.max_queries
         live = (
-            (hits >= self._next - self.max_queries)
+            (found >= self._next - self.max_queries)
             & (self._times[ring] >= now - self.ttl_s)
             & (self._clients[ring] != tag)
         )
         if not live.any():
-            return 0
-        counts = np.unique(hits[live], return_counts=True)[1]
-        near = counts[counts < query.size]  # all shared: the same canonical input
-        return int(near.max()) if near.size else 0
+            return best
+        # Shared hashes per (row, earlier query): query numbers live span < max_queries.
+        keys = np.concatenate(owners)[live] * self.max_queries + (
+            found[live] - (self._next - self.max_queries)
+        )
+        pairs, counts = np.unique(keys, return_counts=True)
+        owner_rows = pairs // self.max_queries
+        near = counts < sizes[owner_rows]  # all shared: the same canonical input
+        np.maximum.at(best, owner_rows[near], counts[near])
+        return best
 
-    def _record(self, query: U64, tag: np.uint64, now: float) -> None:
-        number = self._next
-        self._next += 1
-        self._clients[number % self.max_queries] = tag
-        self._times[number % self.max_queries] = now
-        if not self._segments or number - self._segments[-1][0] >= self.segment_queries:
-            self._segments.append(
-                (number, np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64))
+    def _record(self, flat: U64, rows: I64, n: int, tag: np.uint64, now: float) -> None:
+        """Number the n queries, then insert their hashes a run at a time: each run stays in
+        one segment and fills the tail at most."""
+        first_row = 0
+        while first_row < n:
+            number = self._next
+            if not self._segments or number - self._segments[-1][0] >= self.segment_queries:
+                self._flush_tail()
+                self._segments.append(
+                    (number, np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64))
+                )
+            room = min(
+                self.segment_queries - (number - self._segments[-1][0]),
+                TAIL_QUERIES - self._tail_queries,
             )
+            run = min(room, n - first_row)
+            numbers = number + np.arange(run, dtype=np.int64)
+            self._clients[numbers % self.max_queries] = tag
+            self._times[numbers % self.max_queries] = now
+            lo, hi = np.searchsorted(rows, [first_row, first_row + run])
+            values = flat[lo:hi]
+            query_numbers = rows[lo:hi] - first_row + number
+            # Equal hashes newest first, within the run and before the tail's older ones.
+            order = np.lexsort((-query_numbers, values))
+            values, query_numbers = values[order], query_numbers[order]
+            at = np.searchsorted(self._tail_values, values, side="left")
+            self._tail_values = np.insert(self._tail_values, at, values)
+            self._tail_numbers = np.insert(self._tail_numbers, at, query_numbers)
+            self._tail_queries += run
+            self._next += run
+            first_row += run
+            if self._tail_queries >= TAIL_QUERIES:
+                self._flush_tail()
+        self._evict(now)
+
+    def _flush_tail(self) -> None:
+        """Merge the tail into the newest segment (its hashes go before equal older ones)."""
+        if self._tail_queries == 0:
+            return
         first, values, numbers = self._segments[-1]
-        at = np.searchsorted(values, query)
+        at = np.searchsorted(values, self._tail_values, side="left")
         self._segments[-1] = (
             first,
-            np.insert(values, at, query),
-            np.insert(numbers, at, np.full(query.size, number, dtype=np.int64)),
+            np.insert(values, at, self._tail_values),
+            np.insert(numbers, at, self._tail_numbers),
         )
-        self._evict(now)
+        self._tail_values = np.zeros(0, dtype=np.uint64)
+        self._tail_numbers = np.zeros(0, dtype=np.int64)
+        self._tail_queries = 0
 
     def _evict(self, now: float) -> None:
         """Drop the oldest segments whose every query is evicted or past its TTL."""

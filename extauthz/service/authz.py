@@ -9,12 +9,16 @@ import grpc
 import structlog
 from envoy.service.auth.v3 import external_auth_pb2 as auth_pb2
 from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc
+from prometheus_client import Counter, Histogram
 
 from extauthz.challenge.captcha import CaptchaWidget
 from extauthz.challenge.gate import ChallengeGate
 from extauthz.core.decision import Decision, DecisionCore
 from extauthz.core.identity import RequestInfo
+from extauthz.core.limiter import rate_limit_fields
+from extauthz.core.risk import Action, RiskLevel
 from extauthz.policy.loader import Snapshot
+from extauthz.policy.model import Route
 from extauthz.service import envoy
 from extauthz.telemetry import metrics
 from extauthz.telemetry.logs import log_decision
@@ -57,6 +61,10 @@ class AuthorizationService(auth_grpc.AuthorizationServicer):
         self._core = core
         self._gate = gate
         self._allowed = AllowCache()
+        self._routes = RouteCache()
+        # Labelled metric children, bound on first use (the label values are a closed set).
+        self._seconds: Histogram | None = None
+        self._decided: dict[tuple[str, str, str], Counter] = {}
 
     async def Check(  # noqa: N802 - the gRPC method name
         self, request: auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
@@ -67,7 +75,7 @@ class AuthorizationService(auth_grpc.AuthorizationServicer):
             info = request_from_check(request, snapshot)
             decision = await self._core.decide(info, snapshot=snapshot)
             decision = await self._gate.admit(decision, info.headers, snapshot)
-            if decision.allowed and not (decision.limits or decision.pass_id):
+            if decision.allowed and not decision.granted_pass:
                 response = self._allowed.get(decision)
             else:
                 response = answer(decision, info, snapshot, self._gate.widget(snapshot))
@@ -77,19 +85,24 @@ class AuthorizationService(auth_grpc.AuthorizationServicer):
             body = envoy.error_body("internal_error", "the guard failed to decide")
             return envoy.check_denied(503, [("content-type", "application/json")], body)
         elapsed = time.perf_counter() - started
-        metrics.DECISION_SECONDS.labels("check").observe(elapsed)
-        metrics.DECISIONS.labels(
-            "check",
+        if self._seconds is None:
+            self._seconds = metrics.DECISION_SECONDS.labels("check")
+        self._seconds.observe(elapsed)
+        labels = (
             decision.action.value,
             decision.identity.tier,
             metrics.reason_label(decision.reasons),
-        ).inc()
+        )
+        decided = self._decided.get(labels)
+        if decided is None:
+            decided = self._decided[labels] = metrics.DECISIONS.labels("check", *labels)
+        decided.inc()
         log_decision(
             "check",
             decision,
             request_id=info.request_id,
             path=info.path,
-            route=_route_prefix(snapshot, info.path),
+            route=self._routes.prefix(snapshot, info.path),
             status=200 if decision.allowed else decision.status,
             duration_s=elapsed,
         )
@@ -99,22 +112,80 @@ class AuthorizationService(auth_grpc.AuthorizationServicer):
 class AllowCache:
     """Reuse the CheckResponse of an allow verdict: one client's requests mostly get the same one.
 
-    Building the headers and the metadata Struct costs more than deciding; the response is
-    never mutated after it is built, so sharing it between calls is safe. Bounded: cleared
-    when full, which costs one rebuild per active client.
+    Building the headers and the metadata Struct costs more than deciding. What changes from
+    one request to the next is only the ``RateLimit`` field (units left, seconds until full), so
+    the answer is kept per client, verdict and ``RateLimit-Policy``, and a request with limits
+    gets a copy (one C-level copy) with its own ``RateLimit`` value; without limits the kept
+    answer itself is returned, never mutated after it is built. Bounded: cleared when full,
+    which costs one rebuild per active client. A pass granted now is never cached.
     """
 
     def __init__(self, max_entries: int = 8192) -> None:
         self._max = max_entries
-        self._responses: dict[Decision, auth_pb2.CheckResponse] = {}
+        self._responses: dict[_AllowKey, auth_pb2.CheckResponse] = {}
 
     def get(self, decision: Decision) -> auth_pb2.CheckResponse:
-        response = self._responses.get(decision)
+        """The allow answer of ``decision`` (which grants no pass)."""
+        fields = rate_limit_fields(decision.limits)
+        identity = decision.identity
+        key = (
+            identity.client_id,
+            identity.tier,
+            decision.level,
+            decision.action,
+            decision.reasons,
+            decision.enforced,
+            decision.pass_id,
+            fields[0][1] if fields else "",
+        )
+        response = self._responses.get(key)
         if response is None:
             if len(self._responses) >= self._max:
                 self._responses.clear()
-            response = self._responses[decision] = envoy.check_ok(decision)
-        return response
+            response = self._responses[key] = envoy.check_ok(decision)
+            return response
+        if not fields:
+            return response
+        answer = auth_pb2.CheckResponse()
+        answer.CopyFrom(response)
+        # check_ok puts RateLimit-Policy then RateLimit first in response_headers_to_add.
+        answer.ok_response.response_headers_to_add[1].header.value = fields[1][1]
+        return answer
+
+
+_AllowKey = tuple[str, str, RiskLevel, Action, tuple[str, ...], bool, str, str]
+
+
+class RouteCache:
+    """The protected route of each request path, per policy snapshot.
+
+    ``route_for`` lowers the path and walks the routes; a service sees few distinct paths.
+    Bounded (paths come from clients): cleared when full or when the policy changes.
+    """
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._max = max_entries
+        self._snapshot: Snapshot | None = None
+        self._routes: dict[str, Route | None] = {}
+
+    def route(self, snapshot: Snapshot, path: str) -> Route | None:
+        """The route ``path`` (its query ignored) falls under, or None."""
+        if snapshot is not self._snapshot:
+            self._snapshot = snapshot
+            self._routes = {}
+        bare = path.split("?", 1)[0]  # a query that varies per request must not churn it
+        routes = self._routes
+        if bare in routes:
+            return routes[bare]
+        if len(routes) >= self._max:
+            routes.clear()
+        route = routes[bare] = snapshot.policy.route_for(bare)
+        return route
+
+    def prefix(self, snapshot: Snapshot, path: str) -> str:
+        """The prefix of the route ``path`` falls under, or ``""``."""
+        route = self.route(snapshot, path)
+        return route.prefix if route is not None else ""
 
 
 def answer(
@@ -129,8 +200,3 @@ def answer(
         pass_ttl_s=snapshot.policy.challenge.pass_ttl_s,
         captcha=captcha,
     )
-
-
-def _route_prefix(snapshot: Snapshot, path: str) -> str:
-    route = snapshot.policy.route_for(path.split("?", 1)[0])
-    return route.prefix if route is not None else ""

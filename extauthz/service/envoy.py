@@ -80,7 +80,35 @@ def struct_to_python(struct: struct_pb2.Struct) -> dict[str, Any]:
 
 
 def decision_struct(decision: Decision) -> struct_pb2.Struct:
-    """The dynamic metadata fields every path emits: client, tier, risk, level, action, reasons."""
+    """The dynamic metadata fields every path emits: client, tier, risk, level, action, reasons.
+
+    Kept per distinct set of values (a client's requests mostly repeat one), as building a
+    Struct costs more than copying it; callers copy it into their answer and never change it.
+    """
+    identity = decision.identity
+    key = (
+        identity.client_id,
+        identity.tier,
+        decision.level,
+        decision.action,
+        decision.reasons,
+        decision.enforced,
+        decision.pass_id,
+    )
+    struct = _STRUCTS.get(key)
+    if struct is None:
+        if len(_STRUCTS) >= _MAX_STRUCTS:
+            _STRUCTS.clear()
+        struct = _STRUCTS[key] = _build_decision_struct(decision)
+    return struct
+
+
+_STRUCTS: dict[tuple[object, ...], struct_pb2.Struct] = {}
+# Bounded: one entry per active client and verdict; cleared when full.
+_MAX_STRUCTS = 8192
+
+
+def _build_decision_struct(decision: Decision) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update(
         {

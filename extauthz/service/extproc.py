@@ -32,6 +32,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as mod
 from envoy.service.ext_proc.v3 import external_processor_pb2 as proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as proc_grpc
 from google.protobuf import struct_pb2
+from prometheus_client import Histogram
 
 from extauthz.challenge.gate import ChallengeGate
 from extauthz.core.decision import Decision, DecisionCore
@@ -52,6 +53,7 @@ from extauthz.protect.llm_rules import apply_llm_rules
 from extauthz.protect.pipeline import Marks, RequestKey, quantum_of, request_key, rewrite_response
 from extauthz.protect.watermark import LabelMarks, watermark_rows
 from extauthz.service import envoy
+from extauthz.service.authz import RouteCache
 from extauthz.telemetry import metrics
 from extauthz.telemetry.logs import log_decision
 
@@ -156,6 +158,9 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         self._watermark_keys = watermark_keys
         self._ledger = ledger
         self._clock = clock
+        self._routes = RouteCache()
+        # Labelled metric children, bound on first use (the label values are a closed set).
+        self._seconds: dict[str, Histogram] = {}
 
     async def Process(  # noqa: N802 - the gRPC method name
         self,
@@ -220,7 +225,11 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         finally:
             elapsed = time.perf_counter() - started
             state.busy_s += elapsed
-            metrics.DECISION_SECONDS.labels(f"ext_proc_{phase}").observe(elapsed)
+            seconds = self._seconds.get(phase)
+            if seconds is None:
+                seconds = metrics.DECISION_SECONDS.labels(f"ext_proc_{phase}")
+                self._seconds[phase] = seconds
+            seconds.observe(elapsed)
 
     # --- request_headers ------------------------------------------------------------------------
 
@@ -237,7 +246,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         path = headers.get(":path", "/")
         state.request_id = headers.get("x-request-id", "")
         state.request_encoding = headers.get("content-encoding", "")
-        route = snapshot.policy.route_for(path.split("?", 1)[0])
+        route = self._routes.route(snapshot, path)
         check = _check_verdict(message)
         if route is None and check is not None:
             # Two hops, off the model routes: Check has decided, nothing is left to do here.

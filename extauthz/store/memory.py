@@ -260,11 +260,16 @@ class MemoryStore:
         """Refresh the entry's expiry and move it to the recent end of its LRU list."""
         if entry.pinned:
             entry.expires_at = max(now + self._ttl_s, entry.pin_until)
+            held, other = self._pinned, self._plain
         else:
             entry.expires_at = now + self._ttl_s
-        self._plain.pop(client_id, None)
-        self._pinned.pop(client_id, None)
-        (self._pinned if entry.pinned else self._plain)[client_id] = entry
+            held, other = self._plain, self._pinned
+        if held.get(client_id) is entry:
+            held.move_to_end(client_id)  # the common case: an active client stays in its list
+            return
+        held.pop(client_id, None)
+        other.pop(client_id, None)
+        held[client_id] = entry
 
 
 def _encode_cursor(client_id: str) -> str:

@@ -43,8 +43,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from extauthz.core.limiter import LimitCharge, LimitState
 from extauthz.store.base import ClientRecord, DetectionState, StoreError
@@ -62,6 +64,8 @@ _SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme
 _SCHEMES = "redis, rediss, unix, redis+cluster, rediss+cluster, redis+sentinel or rediss+sentinel"
 
 _CLUSTER_MAX_CONNECTIONS = 4_096
+# Idle connections kept for record()'s direct EVALSHA; more are closed when released.
+_MAX_IDLE_CONNECTIONS = 64
 """Connections per cluster node. redis-py's default (100) fails a burst of more concurrent
 calls with MaxConnectionsError instead of waiting; one Redis handles thousands."""
 
@@ -319,6 +323,17 @@ class RedisStore:
         self._helpers = tuple(helpers)
         self._discovered = not cluster  # cluster: slots not yet read
         self._discovery = asyncio.Lock()
+        # record() on one plain server sends its EVALSHA on connections of its own: redis-py's
+        # pool and command dispatch (locks, observability hooks, a readiness probe per
+        # command, a timer per read) cost more CPU than the round trip. Cluster and Sentinel
+        # clients keep redis-py's routing and failover.
+        self._idle: list[Any] | None = None
+        if not cluster and not helpers and isinstance(client, Redis):
+            pool = client.connection_pool
+            # No per-read timer: _guard bounds the whole call by timeout_s already.
+            options = {**pool.connection_kwargs, "socket_timeout": None}
+            self._new_connection: Callable[[], Any] = lambda: pool.connection_class(**options)
+            self._idle = []
 
     @classmethod
     def from_url(
@@ -458,16 +473,12 @@ class RedisStore:
         limit_keys = [self.limit_key(charge.tag, charge.name) for charge in limits]
         async with self._guard("record"):
             if not self._cluster:
-                fields, replies = await self._record_script(
-                    keys=[state_key, self._registry, *limit_keys],
-                    args=[
-                        *args,
-                        self._max_clients,
-                        trim_before,
-                        len(limits),
-                        *_limit_args(limits),
-                    ],
-                )
+                keys = [state_key, self._registry, *limit_keys]
+                args += [self._max_clients, trim_before, len(limits), *_limit_args(limits)]
+                if self._idle is not None:
+                    fields, replies = await self._evalsha(self._record_script, keys, args)
+                else:
+                    fields, replies = await self._record_script(keys=keys, args=args)
                 record = _parse(client_id, _pairs(fields), now)
                 return _with_limits(record, _limit_states(replies))
             # Cluster: group the limits by slot; the client's slot goes with its record.
@@ -662,6 +673,8 @@ class RedisStore:
     async def close(self) -> None:
         """Close the client, the helpers (Sentinel's) and their connections."""
         async with self._guard("close", discover=False):
+            while self._idle:
+                await self._idle.pop().disconnect()
             await self._client.aclose()
             for helper in self._helpers:
                 await helper.aclose()
@@ -680,6 +693,34 @@ class RedisStore:
                 await self._client.initialize()
                 self._discovered = True
 
+    async def _evalsha(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """Run ``script`` by EVALSHA on an idle connection of the store's own (one round trip).
+
+        As redis-py's client does: a script Redis forgot (a restart, SCRIPT FLUSH) is loaded
+        and run again, and a connection found closed is retried once on a new one.
+        """
+        idle = self._idle
+        assert idle is not None
+        connection = idle.pop() if idle else self._new_connection()
+        try:
+            try:
+                reply = await _evalsha_on(connection, script.sha, keys, args)
+            except NoScriptError:
+                script.sha = await self._client.script_load(script.script)
+                reply = await _evalsha_on(connection, script.sha, keys, args)
+            except RedisConnectionError:
+                await connection.disconnect(nowait=True)
+                reply = await _evalsha_on(connection, script.sha, keys, args)
+        except BaseException:
+            # A reply may still be on its way (a timeout): never reuse this connection as is.
+            await connection.disconnect(nowait=True)
+            raise
+        if len(idle) < _MAX_IDLE_CONNECTIONS:
+            idle.append(connection)
+        else:
+            await connection.disconnect(nowait=True)
+        return reply
+
     @contextlib.asynccontextmanager
     async def _guard(self, operation: str, *, discover: bool = True) -> AsyncIterator[None]:
         """Bound the block by ``timeout_s`` and turn any failure into ``StoreError``."""
@@ -693,6 +734,13 @@ class RedisStore:
         except (RedisError, RedisClusterException, OSError, ValueError, TypeError) as exc:
             # ValueError/TypeError: a reply we cannot parse (a foreign value in our key).
             raise StoreError(f"redis {operation} failed: {exc!r}") from exc
+
+
+async def _evalsha_on(connection: Any, sha: str, keys: list[str], args: list[Any]) -> Any:
+    if not connection.is_connected:
+        await connection.connect()
+    await connection.send_command("EVALSHA", sha, len(keys), *keys, *args)
+    return await connection.read_response()
 
 
 def _escape(client_id: str) -> str:

@@ -157,6 +157,50 @@ class TestFingerprintDetector:
             expected = max((shared(hashes[i], e) for e in earlier), default=0)
             assert f"last_max_match={expected}" in verdict.detail, i
 
+    def test_repeats_and_batches_match_brute_force(self) -> None:
+        """Exact repeats (found by digest, within a batch or against live slots) and near ones
+        give the brute-force best match, whether rows come one by one or in batches."""
+        rng = np.random.default_rng(21)
+        pool = np.concatenate([DIGITS[:6], variations(DIGITS[7], 6, rng)])
+        rows = pool[rng.integers(0, pool.shape[0], 120)]
+        hashes = FP(rows)
+        for max_entries, batch in ((16, 1), (16, 7), (8, 32), (1024, 32)):
+            detector = FingerprintDetector(FP, max_entries=max_entries)
+            state: bytes | None = None
+            for start in range(0, hashes.shape[0], batch):
+                chunk = hashes[start : start + batch]
+                state, verdict = detector.update_hashes(state, chunk)
+                # Stored rows are the last max_entries before the batch; the batch's own
+                # earlier rows all count.
+                expected = max(
+                    max(
+                        [shared(chunk[i], e) for e in hashes[max(0, start - max_entries) : start]]
+                        + [shared(chunk[i], chunk[j]) for j in range(i)],
+                        default=0,
+                    )
+                    for i in range(chunk.shape[0])
+                )
+                assert f"last_max_match={expected}" in verdict.detail, (max_entries, batch, start)
+
+    def test_a_client_repeating_one_input_scans_no_postings(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An exact repeat is matched by its digest: no posting of the earlier copies is read."""
+        detector = FingerprintDetector(FP, max_entries=256)
+        row = FP(DIGITS[30:31])
+        state, _ = detector.update_hashes(None, np.repeat(row, 300, axis=0))
+        expanded: list[int] = []
+        original = fingerprint_module._expand
+
+        def counting(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            expanded.append(int((hi - lo).sum()))
+            return original(lo, hi)
+
+        monkeypatch.setattr(fingerprint_module, "_expand", counting)
+        _, verdict = detector.update_hashes(state, np.repeat(row, 32, axis=0))
+        assert sum(expanded) == 0
+        assert verdict.score == 1.0 and f"last_max_match={int((row != 0).sum())}" in verdict.detail
+
     def test_one_batch_equals_single_queries(self) -> None:
         detector = FingerprintDetector(FP)
         rows = np.concatenate([DIGITS[:100], line(DIGITS[1], DIGITS[2], 50)])
@@ -182,7 +226,8 @@ class TestFingerprintDetector:
         detector = FingerprintDetector(FP, max_entries=256)
         rows = np.random.default_rng(11).integers(0, 17, (10_000, 64)).astype(np.float64)
         state, _ = feed(detector, rows, batch=500)
-        assert len(state) <= 256 * 45 * 10 + 256
+        # 10 bytes per stored hash, 8 per slot (its digest), and a header with the history.
+        assert len(state) <= 256 * 45 * 10 + 256 * 8 + 256
         assert len(state) >= 256 * 45 * 10  # the ring is full, not emptied
 
     def test_observation_without_raw_keeps_state(self) -> None:
@@ -272,6 +317,39 @@ class TestCrossClient:
         assert await index.observe("key:other", FP(nudged[None])[0], 600.0) > 25
         # ...and the lookup read at most MAX_POSTINGS per hash, not all 500 repeats.
         assert sum(expanded) <= fingerprint_module.MAX_POSTINGS * row.size
+
+    async def test_batches_and_tail_merges_match_brute_force(self) -> None:
+        """Rows looked up a request at a time, across tail merges and segments, get the
+        brute-force answer: the best non-identical match with an earlier query of another
+        client."""
+        rng = np.random.default_rng(16)
+        seeds = DIGITS[rng.choice(DIGITS.shape[0], 20, replace=False)]
+        rows = np.concatenate([variations(seed, 20, rng) for seed in seeds])
+        rows = rows[rng.permutation(rows.shape[0])]
+        hashes = FP(rows)
+        senders: list[str] = []  # the client of each row sent so far
+        single = MemoryFingerprintIndex(segment_queries=150)
+        batched = MemoryFingerprintIndex(segment_queries=150)
+        at = 0
+        while at < hashes.shape[0]:
+            size = int(rng.integers(1, 40))
+            chunk = hashes[at : at + size]
+            client = f"key:c{int(rng.integers(0, 7))}"
+            answers = await observe_all(batched, client, chunk, float(at))
+            for i, row in enumerate(chunk):
+                expected = max(
+                    (
+                        shared(row, hashes[j])
+                        for j in range(at)
+                        if senders[j] != client and shared(row, hashes[j]) < (row != 0).sum()
+                    ),
+                    default=0,
+                )
+                assert answers[i] == expected, at + i
+                assert single.observe_sync(client, row, float(at)) == expected, at + i
+            senders.extend([client] * chunk.shape[0])
+            at += size
+        assert len(single) == len(batched) == int((hashes != 0).sum())
 
     async def test_ttl_and_max_queries_evict(self) -> None:
         rng = np.random.default_rng(14)
