@@ -121,7 +121,9 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         structlog.processors.format_exc_info,
         renderer,
     ]
-    factory = structlog.PrintLoggerFactory(file=sys.stderr)
+    # One write per line (message and newline together): workers share stderr, and print()'s
+    # two writes let their lines interleave.
+    factory = structlog.WriteLoggerFactory(file=sys.stderr)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

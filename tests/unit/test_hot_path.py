@@ -239,3 +239,35 @@ class TestAuditWriter:
         stderr = configure("info", "console")
         _log()
         assert "decision" in stderr.getvalue() and not stderr.getvalue().startswith("{")
+
+
+class _CountingStream(io.StringIO):
+    """A stderr stand-in that records each write call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+class TestOneWritePerLine:
+    """Each log line is one write (text and newline): workers sharing stderr never interleave."""
+
+    def test_every_event_is_a_single_write(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        stream = _CountingStream()
+        monkeypatch.setattr(sys, "stderr", stream)
+        logs.configure("info", "json")
+        try:
+            log = structlog.get_logger("extauthz.test")
+            log.info("first", worker=0)
+            log.info("second", worker=1)
+        finally:
+            monkeypatch.undo()  # the real stderr back before the loggers are rebuilt on it
+            logs.configure("info", "json")
+        lines = [w for w in stream.writes if w.strip()]
+        assert len(lines) == 2
+        assert all(w.endswith("\n") and w.count("\n") == 1 for w in lines)
+        assert [json.loads(w)["event"] for w in lines] == ["first", "second"]
