@@ -17,13 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from extauthz.demo.model import load_data
-from extauthz.detect.features import Projector
+from extauthz.detect.pipeline import detection_projector
 
-__all__ = ["DEMO_POLICY", "DemoFiles", "prepare"]
+__all__ = ["DEMO_POLICY", "DemoFiles", "prepare", "write_coverage_reference"]
 
 DEMO_POLICY = Path(__file__).with_name("policy.yaml")
-# The projection the detection pipeline uses (detect/pipeline.py builds Projector(32, 0)).
-_PROJECTION_DIM = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +38,20 @@ class DemoFiles:
         return ["--keys-file", str(self.keys_file), "--noise-key-file", str(self.noise_key_file)]
 
 
+def write_coverage_reference(path: Path, *, seed: int = 0) -> Path:
+    """Save the digits' inputs, projected as the detectors project them, as normal traffic."""
+    x_train, x_test, _, _ = load_data(seed)
+    natural = np.vstack([x_train, x_test]).astype(np.float32)
+    np.save(path, detection_projector().project(natural))
+    return path
+
+
 def prepare(workdir: Path, *, seed: int = 0) -> DemoFiles:
     """Write the demo policy, its coverage reference and a new key ring into ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
     policy = workdir / "policy.yaml"
     shutil.copyfile(DEMO_POLICY, policy)
-    x_train, x_test, _, _ = load_data(seed)
-    natural = np.vstack([x_train, x_test]).astype(np.float32)
-    np.save(workdir / "coverage-reference.npy", Projector(_PROJECTION_DIM, 0).project(natural))
+    write_coverage_reference(workdir / "coverage-reference.npy", seed=seed)
     keys_file = workdir / "keys.yaml"
     keys_file.write_text(f"current: demo1\nkeys: {{demo1: {secrets.token_hex(32)}}}\n")
     keys_file.chmod(0o600)

@@ -42,10 +42,16 @@ from extauthz.telemetry import metrics
 
 log = structlog.get_logger("extauthz.detect")
 
+
 # Calibrated in-process on the demo model (20 benign clients x 600 natural queries vs uniform,
 # line-search and Jacobian attackers): no single detector but boundary probing and coverage
 # takes a client to `suspicious` alone, and the cross-client signal only adds to others, since
 # benign users of one data distribution send near-duplicates of each other's inputs.
+def detection_projector() -> Projector:
+    """Return the projection every detector's vectors (and a coverage reference) go through."""
+    return Projector(dim=32, seed=0)
+
+
 DEFAULT_WEIGHTS = {
     "prada": 0.7,
     "margin": 0.8,
@@ -240,7 +246,7 @@ class DetectionPipeline:
             weights[name] = detector.weight
             if detector.shadow:
                 shadow.add(name)
-        projector = Projector(dim=32, seed=0)
+        projector = detection_projector()
         coverage = None
         if settings.coverage_reference:
             path = Path(settings.coverage_reference)

@@ -29,6 +29,7 @@ instance (:attr:`Protected.l1`, :attr:`Protected.top1_changed`) for the metrics.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import struct
@@ -353,14 +354,20 @@ def misinform(p: FloatArray, wrong: npt.NDArray[np.intp], below: float) -> Float
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def wrong_classes(key: bytes, k: int) -> npt.NDArray[np.intp]:
-    """Return, for each of ``k`` classes, the keyed other class ``misinform`` answers with."""
+    """Return, for each of ``k`` classes, the keyed other class ``misinform`` answers with.
+
+    One map per (key, k): cached, so a misinformed answer costs no HMAC; read-only, since the
+    one array is shared by every caller.
+    """
     digest = hmac.new(key, b"misinform:%d" % k, hashlib.sha256).digest()
     while len(digest) < 8 * k:
         digest += hashlib.sha256(digest).digest()
     draws = np.frombuffer(digest[: 8 * k], dtype="<u8").astype(np.uint64)
     offsets = 1 + (draws % np.uint64(max(k - 1, 1))).astype(np.intp)
     wrong: npt.NDArray[np.intp] = (np.arange(k) + offsets) % k
+    wrong.setflags(write=False)
     return wrong
 
 

@@ -439,8 +439,10 @@ def run_benign(
 
 
 def base_url_of(url: str) -> tuple[str, str]:
-    """Split ``http://host:port/path`` into ``("http://host:port", "/path")``."""
+    """Split ``http://host:port/path`` into ``("http://host:port", "/path")``.
+
+    The URL is checked by :meth:`ChallengeSession.from_url`, the parser every session uses.
+    """
+    path = ChallengeSession.from_url(url)[1]
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"expected an http:// URL, got {url!r}")
-    return f"{parts.scheme}://{parts.netloc}", parts.path or "/"
+    return f"{parts.scheme}://{parts.netloc}", path

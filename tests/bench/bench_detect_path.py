@@ -39,7 +39,7 @@ import structlog
 
 from extauthz.core.identity import Identity
 from extauthz.demo.model import LinearModel, load_data
-from extauthz.detect.features import Projector
+from extauthz.demo.workspace import write_coverage_reference
 from extauthz.detect.pipeline import DetectionPipeline
 from extauthz.dialects.base import ParsedRequest, ParsedResponse
 from extauthz.policy.loader import Snapshot, load_policy
@@ -73,9 +73,7 @@ class _Clock:
 
 def _snapshot(workdir: Path) -> Snapshot:
     """Load the bench pipeline policy beside a coverage reference made from the digits."""
-    x_train, x_test, _, _ = load_data()
-    natural = np.vstack([x_train, x_test]).astype(np.float32)
-    np.save(workdir / "coverage-reference.npy", Projector(32, 0).project(natural))
+    write_coverage_reference(workdir / "coverage-reference.npy")
     policy = workdir / POLICY.name
     shutil.copyfile(POLICY, policy)
     return load_policy(policy)

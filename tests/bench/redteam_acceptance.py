@@ -44,40 +44,35 @@ def _find(run: RunReport, attack: str, identities: int = 1) -> AttackReport:
     return next(a for a in run.attacks if a.attack == attack and a.identities == identities)
 
 
-def _synthetic(base: AttackReport, guarded: AttackReport, label: str) -> tuple[bool, str]:
-    caught = guarded.first_refusal is not None and guarded.first_refusal <= WITHIN
+def _synthetic(base: AttackReport, guarded: AttackReport) -> tuple[bool, str]:
+    """Caught within WITHIN instances (per key: the instances each key sent itself) and a clone
+    at least DROP under the undefended one."""
+    per_key = guarded.first_refusal_by_identity
+    caught = all(n is not None and n <= WITHIN for n in per_key)
     drop = None
     if base.fidelity is not None and guarded.fidelity is not None:
         drop = base.fidelity - guarded.fidelity
-    ok = caught and drop is not None and drop >= DROP
     drop_text = "-" if drop is None else f"{drop * 100:.0f} pts"
-    return ok, (
-        f"{label}: first refusal/challenge at {guarded.first_refusal} (<= {WITHIN}), fidelity "
-        f"{base.fidelity} -> {guarded.fidelity} (drop {drop_text}, >= {DROP * 100:.0f})"
+    if guarded.identities > 1:
+        label = f"{guarded.attack} (K={guarded.identities})"
+        where = f"per key at {per_key} (each <= {WITHIN}; {guarded.first_refusal} over all keys)"
+    else:
+        label, where = guarded.attack, f"at {guarded.first_refusal} (<= {WITHIN})"
+    return caught and drop is not None and drop >= DROP, (
+        f"{label}: first refusal/challenge {where}, fidelity {base.fidelity} -> "
+        f"{guarded.fidelity} (drop {drop_text}, >= {DROP * 100:.0f})"
     )
 
 
 def criteria(runs: Sequence[RunReport], budget: int) -> list[tuple[bool, str]]:
     """Return (held, line) for each acceptance criterion."""
     base, guarded = runs[0], runs[-1]
-    lines = [_synthetic(_find(base, a), _find(guarded, a), a) for a in SYNTHETIC]
-    sybil = [a for a in guarded.attacks if a.identities > 1]
-    for attack in sybil:
-        base_attack = _find(base, attack.attack, attack.identities)
-        per_key = attack.first_refusal_by_identity
-        caught = all(n is not None and n <= WITHIN for n in per_key)
-        drop = None
-        if base_attack.fidelity is not None and attack.fidelity is not None:
-            drop = base_attack.fidelity - attack.fidelity
-        drop_text = "-" if drop is None else f"{drop * 100:.0f} pts"
-        lines.append(
-            (
-                caught and drop is not None and drop >= DROP,
-                f"{attack.attack} (K={attack.identities}): first refusal/challenge per key at "
-                f"{per_key} (each <= {WITHIN}; {attack.first_refusal} over all keys), fidelity "
-                f"{base_attack.fidelity} -> {attack.fidelity} (drop {drop_text}, >= {DROP * 100:.0f})",
-            )
-        )
+    lines = [_synthetic(_find(base, a), _find(guarded, a)) for a in SYNTHETIC]
+    lines += [
+        _synthetic(_find(base, a.attack, a.identities), a)
+        for a in guarded.attacks
+        if a.identities > 1
+    ]
     for name in NATURAL:
         attack = _find(guarded, name)
         mark = attack.watermark or {}

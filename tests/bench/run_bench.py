@@ -339,14 +339,9 @@ def _authz_server(setup: str, grpc_port: int, workdir: Path) -> Iterator[Process
 
 def _pipeline_policy(workdir: Path) -> Path:
     """Copy the full-pipeline policy into ``workdir`` beside its coverage reference."""
-    import numpy as np
+    from extauthz.demo.workspace import write_coverage_reference
 
-    from extauthz.demo.model import load_data
-    from extauthz.detect.features import Projector
-
-    x_train, x_test, _, _ = load_data()
-    natural = np.vstack([x_train, x_test]).astype(np.float32)
-    np.save(workdir / "coverage-reference.npy", Projector(32, 0).project(natural))
+    write_coverage_reference(workdir / "coverage-reference.npy")
     policy = workdir / PIPELINE_POLICY.name
     shutil.copyfile(PIPELINE_POLICY, policy)
     return policy

@@ -18,7 +18,7 @@ from extauthz.admin_client import AdminClient
 from extauthz.demo.client import Client
 from extauthz.demo.local import LocalStack
 from extauthz.demo.model import load_data
-from extauthz.detect.features import Projector
+from extauthz.demo.workspace import write_coverage_reference
 from extauthz.redteam.traffic import (
     BenignClient,
     JacobianAttacker,
@@ -55,9 +55,7 @@ NAMES = (
 
 
 def _policy(workdir: Path) -> Path:
-    x_train, x_test, _, _ = load_data()
-    reference = Projector(32, 0).project(np.vstack([x_train, x_test]).astype(np.float32))
-    np.save(workdir / "reference.npy", reference)
+    write_coverage_reference(workdir / "reference.npy")
     keys = "\n".join(
         f"    - {{name: {name}, tier: research, sha256: {hashlib.sha256(_key(name).encode()).hexdigest()}}}"
         for name in NAMES
