@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 from collections.abc import Callable, Mapping
 
@@ -19,7 +20,7 @@ from extauthz.challenge import passes, pow
 from extauthz.challenge.captcha import CaptchaVerifier, CaptchaWidget
 from extauthz.core.decision import Decision, DecisionCore, IssuedChallenge
 from extauthz.core.identity import Identity
-from extauthz.core.limiter import ChargeMode, LimitCharge
+from extauthz.core.limiter import AppliedLimit, ChargeMode, LimitCharge
 from extauthz.core.risk import Action
 from extauthz.keys import KeyRing, b64url
 from extauthz.policy.loader import Snapshot
@@ -72,6 +73,11 @@ class ChallengeGate:
         """Turn a CHALLENGE verdict into an admission or a 401 carrying a new challenge."""
         if decision.action is not Action.CHALLENGE:
             return decision
+        refused = [limit for limit in decision.limits if not limit.state.allowed]
+        if refused:
+            # A proof answers the challenge, not the limits: over one, the client waits first
+            # (and spends no solution on a request that could not pass).
+            return self._throttled(decision, refused, snapshot)
         identity = decision.identity
         binding = binding_of(identity)
         settings = snapshot.policy.challenge
@@ -172,6 +178,27 @@ class ChallengeGate:
         )
         return dataclasses.replace(
             self._admitted(decision, pass_id=b64url(pass_id)), granted_pass=token
+        )
+
+    def _throttled(
+        self, decision: Decision, refused: list[AppliedLimit], snapshot: Snapshot
+    ) -> Decision:
+        """The 429 of a challenged client over a limit, as ``DecisionCore.apply_limits`` gives
+        an allowed one (which it leaves challenged)."""
+        worst = max(refused, key=lambda limit: limit.state.retry_after_s)
+        metrics.LIMITED.labels(worst.unit, worst.scope).inc()
+        throttled = self._core.verdict(
+            Action.THROTTLE,
+            decision.identity,
+            decision.level,
+            ("rate_limited", *decision.reasons),
+            snapshot,
+        )
+        return dataclasses.replace(
+            throttled,
+            limits=decision.limits,
+            refused_by=worst,
+            retry_after_s=max(1, math.ceil(worst.state.retry_after_s)),
         )
 
     @staticmethod

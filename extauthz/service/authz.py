@@ -73,12 +73,18 @@ class AuthorizationService(auth_grpc.AuthorizationServicer):
         try:
             snapshot = self._core.snapshot()
             info = request_from_check(request, snapshot)
+            route = self._routes.route(snapshot, info.path)
+            # The raw API key never reaches the model: on the model routes ext_proc still
+            # reads it (and drops it), elsewhere Check drops it here.
+            remove = () if route is not None else (snapshot.policy.identity.api_key_header,)
             decision = await self._core.decide(info, snapshot=snapshot)
             decision = await self._gate.admit(decision, info.headers, snapshot)
             if decision.allowed and not decision.granted_pass:
-                response = self._allowed.get(decision)
+                response = self._allowed.get(decision, remove=remove)
             else:
-                response = answer(decision, info, snapshot, self._gate.widget(snapshot))
+                response = answer(
+                    decision, info, snapshot, self._gate.widget(snapshot), remove=remove
+                )
         except Exception:  # never let a message crash the handler; Envoy applies its failure mode
             metrics.ERRORS.labels("internal_error").inc()
             log.exception("check_failed")
@@ -102,7 +108,7 @@ class AuthorizationService(auth_grpc.AuthorizationServicer):
             decision,
             request_id=info.request_id,
             path=info.path,
-            route=self._routes.prefix(snapshot, info.path),
+            route=route.prefix if route is not None else "",
             status=200 if decision.allowed else decision.status,
             duration_s=elapsed,
         )
@@ -124,8 +130,9 @@ class AllowCache:
         self._max = max_entries
         self._responses: dict[_AllowKey, auth_pb2.CheckResponse] = {}
 
-    def get(self, decision: Decision) -> auth_pb2.CheckResponse:
-        """The allow answer of ``decision`` (which grants no pass)."""
+    def get(self, decision: Decision, *, remove: tuple[str, ...] = ()) -> auth_pb2.CheckResponse:
+        """The allow answer of ``decision`` (which grants no pass), dropping the request
+        headers named in ``remove``."""
         fields = rate_limit_fields(decision.limits)
         identity = decision.identity
         key = (
@@ -137,12 +144,13 @@ class AllowCache:
             decision.enforced,
             decision.pass_id,
             fields[0][1] if fields else "",
+            remove,
         )
         response = self._responses.get(key)
         if response is None:
             if len(self._responses) >= self._max:
                 self._responses.clear()
-            response = self._responses[key] = envoy.check_ok(decision)
+            response = self._responses[key] = envoy.check_ok(decision, remove=remove)
             return response
         if not fields:
             return response
@@ -153,7 +161,7 @@ class AllowCache:
         return answer
 
 
-_AllowKey = tuple[str, str, RiskLevel, Action, tuple[str, ...], bool, str, str]
+_AllowKey = tuple[str, str, RiskLevel, Action, tuple[str, ...], bool, str, str, tuple[str, ...]]
 
 
 class RouteCache:
@@ -189,9 +197,15 @@ class RouteCache:
 
 
 def answer(
-    decision: Decision, info: RequestInfo, snapshot: Snapshot, captcha: CaptchaWidget | None = None
+    decision: Decision,
+    info: RequestInfo,
+    snapshot: Snapshot,
+    captcha: CaptchaWidget | None = None,
+    *,
+    remove: tuple[str, ...] = (),
 ) -> auth_pb2.CheckResponse:
-    """Turn a decision into Envoy's CheckResponse (shadow mode always allows)."""
+    """Turn a decision into Envoy's CheckResponse (shadow mode always allows); an allowing
+    answer drops the request headers named in ``remove``."""
     return envoy.check_answer(
         decision,
         info.headers,
@@ -199,4 +213,5 @@ def answer(
         request_id=info.request_id,
         pass_ttl_s=snapshot.policy.challenge.pass_ttl_s,
         captcha=captcha,
+        remove=remove,
     )

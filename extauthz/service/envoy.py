@@ -286,14 +286,19 @@ def _header_options(
 
 
 def check_ok(
-    decision: Decision, client_headers: Sequence[tuple[str, str]] = ()
+    decision: Decision,
+    client_headers: Sequence[tuple[str, str]] = (),
+    *,
+    remove: Sequence[str] = (),
 ) -> auth_pb2.CheckResponse:
     """Allow, sending the client's id, tier and risk upstream and the decision as metadata;
-    ``client_headers`` go on the answer to the client (a granted pass)."""
+    ``client_headers`` go on the answer to the client (a granted pass); ``remove`` names the
+    request headers the upstream must not see (the raw API key)."""
     return auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=auth_pb2.OkHttpResponse(
             headers=_header_options(upstream_headers(decision)),
+            headers_to_remove=list(remove),
             # The client's remaining budget, on the answer it gets.
             response_headers_to_add=_header_options(
                 [*rate_limit_fields(decision.limits), *client_headers], append=True
@@ -311,10 +316,12 @@ def check_answer(
     request_id: str,
     pass_ttl_s: float,
     captcha: CaptchaWidget | None = None,
+    remove: Sequence[str] = (),
 ) -> auth_pb2.CheckResponse:
-    """Turn a decision into Check's answer: allow with headers and metadata, or the denial."""
+    """Turn a decision into Check's answer: allow with headers and metadata (dropping the
+    request headers named in ``remove``), or the denial."""
     if decision.allowed:
-        return check_ok(decision, grant_headers(decision, pass_ttl_s=pass_ttl_s))
+        return check_ok(decision, grant_headers(decision, pass_ttl_s=pass_ttl_s), remove=remove)
     status, answer_headers, body = denial(
         decision, headers, path=path, request_id=request_id, captcha=captcha
     )

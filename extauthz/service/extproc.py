@@ -290,6 +290,8 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             state.done = True
             return self._refusal(decision, state, with_metadata=True)
         metadata = {envoy.EXT_PROC_NAMESPACE: envoy.decision_struct(decision)}
+        # The raw API key stops here: the model sees x-extauthz-client instead.
+        key_header = snapshot.policy.identity.api_key_header
         if route is None:
             # Single hop off the model routes: what Check does there (headers and metadata),
             # then only the response headers, and those only to carry RateLimit fields or a pass.
@@ -297,7 +299,9 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             state.done = not respond
             return envoy.continue_response(
                 "request_headers",
-                mutation=envoy.header_mutation(envoy.upstream_headers(decision)),
+                mutation=envoy.header_mutation(
+                    envoy.upstream_headers(decision), remove=[key_header]
+                ),
                 metadata=metadata,
                 mode_override=_headers_only(respond=respond),
             )
@@ -307,7 +311,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         mutation = envoy.header_mutation(
             envoy.upstream_headers(decision),
             # Ask the model for an identity-encoded answer so the guard can rewrite it.
-            remove=["accept-encoding"],
+            remove=["accept-encoding", key_header],
         )
         return envoy.continue_response(
             "request_headers",
@@ -386,7 +390,8 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 ]
                 return envoy.immediate(200, grpc_headers, b"", details="extauthz_rate_limited")
         mutation = envoy.header_mutation(
-            envoy.upstream_headers(state.decision) if state.decision else ()
+            envoy.upstream_headers(state.decision) if state.decision else (),
+            remove=[state.snapshot.policy.identity.api_key_header],
         )
         return envoy.continue_response(
             "request_headers", mutation=mutation, metadata=metadata, mode_override=_SKIP_REST
@@ -770,8 +775,15 @@ def _log_stream(state: _StreamState) -> None:
     )
 
 
+# A gzip body may hold several members (RFC 1952), which decoders read as one text; a body
+# needing more than this many is refused rather than decoded member by member.
+_MAX_GZIP_MEMBERS = 16
+
+
 def decode_body(data: bytes, encoding: str, *, limit: int) -> bytes:
-    """Undo ``content-encoding`` (gzip, deflate), refusing unknown ones and bombs over ``limit``."""
+    """Undo ``content-encoding`` (gzip, deflate), refusing unknown ones, bombs over ``limit``
+    and bytes after the compressed stream: every gzip member is decoded and counted, since the
+    model server may read them all, and anything else left over is refused, never skipped."""
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return data
@@ -779,26 +791,43 @@ def decode_body(data: bytes, encoding: str, *, limit: int) -> bytes:
         raise BodyError(
             "unsupported_encoding", f"content-encoding {encoding!r} is not supported", 415
         )
+    is_gzip = "gzip" in encoding
+    parts: list[bytes] = []
+    size = 0
+    rest = data
+    for _ in range(_MAX_GZIP_MEMBERS if is_gzip else 1):
+        out, rest = _inflate(rest, encoding, room=limit - size, limit=limit)
+        parts.append(out)
+        size += len(out)
+        if not rest:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+    what = f"more than {_MAX_GZIP_MEMBERS} gzip members" if is_gzip else "data after the stream"
+    raise BodyError("body_decode_error", f"cannot decode {encoding} body: {what}", 400)
+
+
+def _inflate(data: bytes, encoding: str, *, room: int, limit: int) -> tuple[bytes, bytes]:
+    """Decode one gzip member or deflate stream of at most ``room`` bytes from the start of
+    ``data`` (``limit`` is the whole body's); return it and the bytes after it."""
     wbits = 31 if "gzip" in encoding else 15
     try:
         decoder = zlib.decompressobj(wbits)
-        out = decoder.decompress(data, limit + 1)
+        out = decoder.decompress(data, room + 1)
     except zlib.error:
         if wbits == 15:  # raw deflate without the zlib wrapper
             try:
                 decoder = zlib.decompressobj(-15)
-                out = decoder.decompress(data, limit + 1)
+                out = decoder.decompress(data, room + 1)
             except zlib.error as exc:
                 raise BodyError(
                     "body_decode_error", f"cannot decode {encoding} body: {exc}", 400
                 ) from exc
         else:
             raise BodyError("body_decode_error", f"cannot decode {encoding} body", 400) from None
-    if len(out) > limit or decoder.unconsumed_tail:
+    if len(out) > room or decoder.unconsumed_tail:
         raise BodyError("body_too_large", f"decoded bodies are limited to {limit} bytes", 413)
     if not decoder.eof:
         raise BodyError("body_decode_error", f"truncated {encoding} body", 400)
-    return out
+    return out, decoder.unused_data
 
 
 def _attribute(message: proc_pb2.ProcessingRequest, name: str) -> str:
