@@ -451,7 +451,9 @@ class Detection(_Frozen):
     # the fingerprint and PRADA defaults still flag natural clients.
     enabled: bool = False
     detectors: dict[
-        Literal["prada", "margin", "fingerprint", "cross_client", "volume", "coverage"],
+        Literal[
+            "prada", "margin", "fingerprint", "cross_client", "volume", "coverage", "augmentation"
+        ],
         DetectorSettings,
     ] = Field(default_factory=dict)
     elevated: Annotated[float, Field(gt=0, lt=1)] = 0.3

@@ -67,6 +67,7 @@ DECISION_REASONS: Final = frozenset(
         "volume_spike",
         "sustained_volume",
         "input_coverage",
+        "augmentation_steps",
     }
 )
 

@@ -35,6 +35,7 @@ BUDGET = 300
 BENIGN_CLIENTS = 50
 BENIGN_QUERIES = 600
 NON_VOLUME = {
+    "augmentation_steps",
     "prada_non_normal",
     "boundary_probing",
     "near_duplicates",

@@ -162,6 +162,7 @@ class TestReasonLabel:
             "volume_spike",
             "sustained_volume",
             "input_coverage",
+            "augmentation_steps",
         ],
     )
     def test_known_codes_keep_their_name(self, code: str) -> None:
