@@ -176,14 +176,15 @@ def verify_misinformation(
 ) -> MarkEvidence:
     """Test whether the suspect answers the key's misinformation map of the model's classes.
 
-    A clone trained on ``misinform`` answers learns ``wrong[c]`` where the model says ``c``. Per
-    class ``c`` (among probe inputs the model labels ``c``, at least ``min_per_class`` of them)
-    the suspect's most frequent answer is compared with ``wrong[c]``; the statistic is the share
-    of classes that match. A model unrelated to the key matches each with chance ``1 / (K - 1)``
-    at most (``wrong[c]`` is uniform over the other classes, and an honest model's majority is
-    ``c`` itself, which never matches), so ``p = P(Binomial(K', 1 / (K - 1)) >= matches)``. The
-    test is per class, not per input: an honest model that confuses one pair of classes matches
-    at most one class, never hundreds of inputs.
+    A clone trained on ``misinform`` answers learned ``wrong[c]`` where the model says ``c``. The
+    statistic is ``T``, the probe inputs (among classes with at least ``min_per_class`` of them)
+    the suspect answers with ``wrong[c]``. Under the null hypothesis (the suspect owes nothing to
+    the key) the suspect's answers are fixed and the key's map is what is random: ``wrong[c]`` is
+    uniform over the other ``K - 1`` classes, independently per class, so ``T`` is the sum over
+    classes of one of the suspect's counts ``n_c[j]`` (``j != c``) picked at random. That
+    distribution is computed exactly (a convolution) and ``p = P(T_null >= T)``. The test is
+    exact for any suspect, and per class, not per input: an honest model that confuses one class
+    exactly as the key's map does gets ``p = 1 / (K - 1)``, never a verdict.
     """
     suspect = np.asarray(suspect_labels, dtype=np.int64).ravel()
     model = np.asarray(model_labels, dtype=np.int64).ravel()
@@ -192,19 +193,24 @@ def verify_misinformation(
     if classes < 3:
         return MarkEvidence("misinform", 0.0, 0.0, 1.0, 0)
     wrong = wrong_classes(key, classes)
-    tested = matched = 0
+    null = np.ones(1)  # the pmf of T_null over 0, 1, 2, ...
+    observed = used = 0
+    expected = 0.0
     for c in range(classes):
         answers = suspect[model == c]
         if answers.size < min_per_class:
             continue
-        tested += 1
         counts = np.bincount(answers[(answers >= 0) & (answers < classes)], minlength=classes)
-        matched += int(np.argmax(counts) == wrong[c] and counts[wrong[c]] > 0)
-    if tested == 0:
+        others = np.delete(counts, c)
+        pick = np.bincount(others, minlength=int(others.max()) + 1) / others.size
+        null = np.convolve(null, pick)
+        observed += int(counts[wrong[c]])
+        expected += float(others.mean())
+        used += int(answers.size)
+    if used == 0:
         return MarkEvidence("misinform", 0.0, 0.0, 1.0, 0)
-    chance = 1.0 / (classes - 1)
-    p = float(stats.binom.sf(matched - 1, tested, chance)) if matched else 1.0
-    return MarkEvidence("misinform", matched / tested, chance, max(p, P_FLOOR), tested)
+    p = float(np.clip(null[observed:].sum(), 0.0, 1.0)) if observed else 1.0
+    return MarkEvidence("misinform", observed / used, expected / used, max(p, P_FLOOR), used)
 
 
 def combine_p_values(ps: Sequence[float]) -> float:

@@ -4,6 +4,7 @@ confused and random models are not."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from extauthz.evidence.verify import verify_misinformation
 from extauthz.protect.perturb import wrong_classes
@@ -17,7 +18,8 @@ def _model_labels(n: int = 2000) -> np.ndarray:
 
 
 class TestMisinformationMark:
-    """Per-class majorities against the key's map: strong for clones, chance for the rest."""
+    """The key's map against the suspect's answers, exact under the null: strong for clones,
+    never more than one class's worth of evidence for an honest confusion."""
 
     def test_clone_of_misinformed_answers_is_convicted(self) -> None:
         model = _model_labels()
@@ -25,8 +27,19 @@ class TestMisinformationMark:
         honest_share = np.random.default_rng(1).random(model.size) < 0.35
         clone[honest_share] = model[honest_share]  # answered truthfully before detection
         evidence = verify_misinformation(clone, model, KEY, CLASSES)
-        assert evidence.statistic == 1.0 and evidence.n == CLASSES
-        assert evidence.p_value < 1e-9
+        assert evidence.statistic == np.mean(clone != model) and evidence.n == model.size
+        # every class picked its key's column: (1/9)^10
+        assert evidence.p_value == pytest.approx((1 / 9) ** 10, rel=1e-9)
+
+    def test_a_clone_that_learned_four_classes_is_weighed_by_those(self) -> None:
+        model = _model_labels()
+        wrong = wrong_classes(KEY, CLASSES)
+        clone = model.copy()
+        learned = np.isin(model, [1, 4, 6, 8]) & (np.random.default_rng(2).random(model.size) < 0.7)
+        clone[learned] = wrong[model[learned]]
+        evidence = verify_misinformation(clone, model, KEY, CLASSES)
+        # the per-class majority test said P(Binomial(10, 1/9) >= 4) = 0.016
+        assert evidence.p_value == pytest.approx((1 / 9) ** 4, rel=1e-9)
 
     def test_honest_model_never_matches(self) -> None:
         model = _model_labels()
@@ -40,7 +53,8 @@ class TestMisinformationMark:
         # The honest model confuses class 3 exactly as the key's map happens to.
         suspect[model == 3] = wrong[3]
         evidence = verify_misinformation(suspect, model, KEY, CLASSES)
-        assert evidence.statistic == 0.1 and evidence.p_value > 0.5
+        assert evidence.statistic == np.mean(model == 3)
+        assert evidence.p_value == pytest.approx(1 / (CLASSES - 1))
 
     def test_another_key_is_chance(self) -> None:
         model = _model_labels()
@@ -52,3 +66,16 @@ class TestMisinformationMark:
         model = np.array([0, 0, 1])
         evidence = verify_misinformation(model, model, KEY, CLASSES)
         assert evidence.n == 0 and evidence.p_value == 1.0
+
+    def test_p_values_of_unrelated_clones_are_calibrated(self) -> None:
+        model = _model_labels(500)
+        ps = np.array(
+            [
+                verify_misinformation(
+                    wrong_classes(b"other-%d" % i, CLASSES)[model], model, KEY, CLASSES
+                ).p_value
+                for i in range(300)
+            ]
+        )
+        for alpha in (0.01, 0.05, 0.2):
+            assert np.mean(ps <= alpha) <= alpha * 1.5 + 0.01
