@@ -82,9 +82,17 @@ def create_store(settings: Settings, clock: Callable[[], float]) -> Store:
 
 
 def create_ledger(
-    store: Store, settings: Evidence, keys: KeyRing, clock: Callable[[], float]
+    store: Store,
+    settings: Evidence,
+    keys: KeyRing,
+    clock: Callable[[], float],
+    *,
+    timeout_s: float | None = None,
 ) -> Ledger:
-    """The evidence ledger beside the store: a Redis stream, or memory for the memory store."""
+    """The evidence ledger beside the store: a Redis stream, or memory for the memory store.
+
+    ``timeout_s`` bounds each append to the Redis stream (the decision budget: Envoy waits).
+    """
     cipher = Cipher(keys) if settings.encrypt else None
     from extauthz.store.redis import RedisStore
 
@@ -95,6 +103,7 @@ def create_ledger(
             retention_s=settings.retention_s,
             clock=clock,
             cipher=cipher,
+            timeout_s=timeout_s,
         )
     return MemoryLedger(
         max_records=settings.max_records,
@@ -222,7 +231,9 @@ async def start(
     keys = key_ring(settings) if keys is None else keys
     captchas = CaptchaRegistry()
     gate = ChallengeGate(core, keys, clock=clock, captcha=captchas.for_snapshot)
-    ledger = create_ledger(store, policy.current.policy.evidence, keys, clock)
+    ledger = create_ledger(
+        store, policy.current.policy.evidence, keys, clock, timeout_s=settings.decision_budget_s
+    )
     fingerprint_keys = keys.derive("fingerprint")
     detection = DetectionPipeline(
         store, key=fingerprint_keys.keys[fingerprint_keys.current_id], clock=clock

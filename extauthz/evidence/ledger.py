@@ -8,18 +8,29 @@ erased; everything exports as JSONL for ``extauthz verify`` and for the lawyers.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import IO, Any, Protocol
 
+import structlog
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.exceptions import ResponseError
 
 from extauthz.keys import KeyRing
+from extauthz.telemetry import metrics
+
+log = structlog.get_logger("extauthz.evidence")
+
+# What a record this guard cannot open raises: a key id it does not hold (KeyError), a key of
+# the same id that is not the one that sealed it (InvalidTag), or a malformed entry.
+_UNREADABLE = (InvalidTag, KeyError, ValueError, IndexError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,45 +158,76 @@ class RedisLedger:
         retention_s: float = 365 * 86_400.0,
         clock: Callable[[], float],
         cipher: Cipher | None = None,
+        timeout_s: float | None = None,
     ) -> None:
+        """``timeout_s`` bounds each ``append`` (the guard passes its decision budget: the
+        append runs while Envoy waits for the answer); None leaves it to the socket timeouts."""
         self._client = client
         self._key = key
         self._max = max_records
         self._retention_s = retention_s
         self._clock = clock
         self._cipher = cipher
+        self._timeout_s = timeout_s
 
     async def append(self, records: Sequence[EvidenceRecord]) -> None:
         """Add records with stream ids from their own times, so retention trims by record time
-        (an id below the stream's newest, from a replica's clock skew, falls back to now)."""
-        for record in records:
-            data = self._cipher.seal(record.input) if self._cipher else record.input
-            fields = {
-                "c": record.client_id,
-                "k": record.kid,
-                "t": repr(record.time),
-                "i": base64.b64encode(data).decode("ascii"),
-                "l": str(record.served_label),
-                "m": record.mark,
-            }
-            try:
-                await self._client.xadd(
-                    self._key,
-                    fields,
-                    id=f"{int(record.time * 1000)}-*",
-                    maxlen=self._max,
-                    approximate=True,
-                )
-            except ResponseError:
-                await self._client.xadd(self._key, fields, maxlen=self._max, approximate=True)
+        (an id below the stream's newest, from a replica's clock skew, falls back to now).
+
+        One round trip (a pipeline of XADDs and the XTRIM) within ``timeout_s``: a slow Redis
+        costs the answer the budget at most, not one timeout per record.
+        """
+        entries = [(self._fields(record), f"{int(record.time * 1000)}-*") for record in records]
         horizon_ms = int((self._clock() - self._retention_s) * 1000)
-        # Approximate trimming frees whole stream nodes; reads skip what is past retention anyway.
-        await self._client.xtrim(self._key, minid=f"{max(horizon_ms, 0)}-0", approximate=True)
+        bound = (
+            asyncio.timeout(self._timeout_s)
+            if self._timeout_s is not None
+            else contextlib.nullcontext()
+        )
+        async with bound:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for fields, entry_id in entries:
+                    pipe.xadd(self._key, fields, id=entry_id, maxlen=self._max, approximate=True)
+                # Approximate trimming frees whole stream nodes; reads skip what is past
+                # retention anyway.
+                pipe.xtrim(self._key, minid=f"{max(horizon_ms, 0)}-0", approximate=True)
+                *added, trimmed = await pipe.execute(raise_on_error=False)
+            if isinstance(trimmed, Exception):
+                raise trimmed
+            # An id below the stream's newest is refused: those go again with Redis's own ids.
+            late = [
+                fields
+                for (fields, _), reply in zip(entries, added, strict=True)
+                if isinstance(reply, ResponseError)
+            ]
+            if late:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for fields in late:
+                        pipe.xadd(self._key, fields, maxlen=self._max, approximate=True)
+                    await pipe.execute()
+
+    def _fields(self, record: EvidenceRecord) -> dict[str, str]:
+        data = self._cipher.seal(record.input) if self._cipher else record.input
+        return {
+            "c": record.client_id,
+            "k": record.kid,
+            "t": repr(record.time),
+            "i": base64.b64encode(data).decode("ascii"),
+            "l": str(record.served_label),
+            "m": record.mark,
+        }
 
     async def read(
         self, *, client_id: str | None = None, limit: int = 1_000_000
     ) -> list[EvidenceRecord]:
+        """Return the records within retention, oldest first.
+
+        A record this guard cannot open (sealed under a key it does not hold: a guard restarted
+        without ``--keys-file``, or a key id removed from the ring) is skipped, counted
+        (``ledger_unreadable``) and logged, so the rest of the ledger can still be exported.
+        """
         out: list[EvidenceRecord] = []
+        unreadable = 0
         start = "-"
         while len(out) < limit:
             batch = await self._client.xrange(self._key, min=start, max="+", count=1000)
@@ -193,12 +235,23 @@ class RedisLedger:
                 break
             horizon = self._clock() - self._retention_s
             for entry_id, fields in batch:
-                record = self._record(fields)
+                start = "(" + _text(entry_id)
+                try:
+                    record = self._record(fields)
+                except _UNREADABLE:
+                    unreadable += 1
+                    continue
                 if record.time >= horizon and (client_id is None or record.client_id == client_id):
                     out.append(record)
-                start = "(" + _text(entry_id)
             if len(batch) < 1000:
                 break
+        if unreadable:
+            metrics.ERRORS.labels("ledger_unreadable").inc(unreadable)
+            log.warning(
+                "ledger_records_unreadable",
+                count=unreadable,
+                detail="sealed under a key this guard does not hold (see --keys-file)",
+            )
         return out[:limit]
 
     async def erase(self, client_id: str) -> int:

@@ -704,13 +704,12 @@ class RedisStore:
         connection = idle.pop() if idle else self._new_connection()
         try:
             try:
-                reply = await _evalsha_on(connection, script.sha, keys, args)
-            except NoScriptError:
-                script.sha = await self._client.script_load(script.script)
-                reply = await _evalsha_on(connection, script.sha, keys, args)
+                reply = await self._evalsha_loaded(connection, script, keys, args)
             except RedisConnectionError:
+                # Closed under us: after a Redis restart the new connection meets an empty
+                # script cache too, so the retry loads the script as well.
                 await connection.disconnect(nowait=True)
-                reply = await _evalsha_on(connection, script.sha, keys, args)
+                reply = await self._evalsha_loaded(connection, script, keys, args)
         except BaseException:
             # A reply may still be on its way (a timeout): never reuse this connection as is.
             await connection.disconnect(nowait=True)
@@ -720,6 +719,16 @@ class RedisStore:
         else:
             await connection.disconnect(nowait=True)
         return reply
+
+    async def _evalsha_loaded(
+        self, connection: Any, script: AsyncScript, keys: list[str], args: list[Any]
+    ) -> Any:
+        """EVALSHA on ``connection``, loading the script first if Redis forgot it."""
+        try:
+            return await _evalsha_on(connection, script.sha, keys, args)
+        except NoScriptError:
+            script.sha = await self._client.script_load(script.script)
+            return await _evalsha_on(connection, script.sha, keys, args)
 
     @contextlib.asynccontextmanager
     async def _guard(self, operation: str, *, discover: bool = True) -> AsyncIterator[None]:
