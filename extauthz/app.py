@@ -33,7 +33,7 @@ from extauthz.service.admin import AdminService
 from extauthz.service.authz import AuthorizationService
 from extauthz.service.extproc import ExternalProcessorService
 from extauthz.settings import Settings
-from extauthz.store.base import Store
+from extauthz.store.base import Store, StoreError
 from extauthz.telemetry.health import Readiness, build_http_app
 
 log = structlog.get_logger("extauthz.app")
@@ -283,6 +283,7 @@ async def start(
     await site.start()
     http_port = _bound_port(http_runner, settings.http_port)
 
+    await _warm(store)
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -307,6 +308,19 @@ def _bound_port(runner: web.AppRunner, requested: int) -> int:
         if isinstance(address, tuple):
             return int(address[1])
     return requested
+
+
+async def _warm(store: Store) -> None:
+    """Connect to the store and load its scripts before serving: a cold first decision (connect,
+    NOSCRIPT, SCRIPT LOAD) can overrun its 50 ms. A store that is down is not fatal: its fail
+    mode applies, as for any later outage."""
+    warm = getattr(store, "warm", None)
+    if warm is None:
+        return
+    try:
+        await warm()
+    except StoreError as exc:
+        log.warning("store_warmup_failed", detail=str(exc)[:200])
 
 
 async def serve(

@@ -35,7 +35,7 @@ import json
 import math
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote
 
 from redis.asyncio import Redis
@@ -156,6 +156,8 @@ end
 """
 
 # KEYS: the limit keys, all in one slot. ARGV: 4 per key (see apply_limits).
+#: Start-up is not inside a decision: connecting and loading scripts may take this long.
+_WARM_TIMEOUT_S: Final = 2.0
 _LIMITS_SCRIPT = _LIMITS_LUA + "return apply_limits(1, 1, #KEYS)\n"
 
 # Adds a client to the registry: ZADD GT only lengthens a stay (a pin's +inf survives
@@ -669,6 +671,23 @@ class RedisStore:
         async with self._guard("ping"):
             return bool(await self._client.ping())
 
+    async def warm(self) -> None:
+        """Do before the first request what it would otherwise pay inside its budget: read the
+        cluster's slots, load every script, and open one connection of the store's own."""
+        async with self._guard("warm", timeout_s=max(self._timeout_s, _WARM_TIMEOUT_S)):
+            for script in (
+                self._record_script,
+                self._set_level_script,
+                self._touch_registry_script,
+                self._page_script,
+                self._limits_script,
+            ):
+                script.sha = await self._client.script_load(script.script)
+            if self._idle is not None and not self._idle:
+                connection = self._new_connection()
+                await connection.connect()
+                self._idle.append(connection)
+
     @_timed("close")
     async def close(self) -> None:
         """Close the client, the helpers (Sentinel's) and their connections."""
@@ -731,15 +750,19 @@ class RedisStore:
             return await _evalsha_on(connection, script.sha, keys, args)
 
     @contextlib.asynccontextmanager
-    async def _guard(self, operation: str, *, discover: bool = True) -> AsyncIterator[None]:
-        """Bound the block by ``timeout_s`` and turn any failure into ``StoreError``."""
+    async def _guard(
+        self, operation: str, *, discover: bool = True, timeout_s: float | None = None
+    ) -> AsyncIterator[None]:
+        """Bound the block by ``timeout_s`` (the store's own by default) and turn any failure
+        into ``StoreError``."""
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(timeout_s):
                 if discover and not self._discovered:
                     await self._discover()
                 yield
         except TimeoutError as exc:
-            raise StoreError(f"redis {operation} timed out after {self._timeout_s}s") from exc
+            raise StoreError(f"redis {operation} timed out after {timeout_s}s") from exc
         except (RedisError, RedisClusterException, OSError, ValueError, TypeError) as exc:
             # ValueError/TypeError: a reply we cannot parse (a foreign value in our key).
             raise StoreError(f"redis {operation} failed: {exc!r}") from exc

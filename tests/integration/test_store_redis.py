@@ -109,6 +109,46 @@ class TestRoundTrips:
         assert len(commands) == 1, commands
         assert commands[0].startswith("EVALSHA")
 
+    async def test_a_warm_store_sends_one_command_on_its_first_record(
+        self, redis_url: str, make_store: MakeRedisStore, clock: FakeClock
+    ) -> None:
+        """warm() loads every script and opens a connection before the first request, even
+        after Redis forgot its scripts: the first record() is one EVALSHA, no NOSCRIPT."""
+        async with Redis.from_url(redis_url, decode_responses=True, protocol=2) as admin:
+            await admin.script_flush()
+            store = await make_store()
+            await store.warm()
+            shas = [
+                s.sha
+                for s in (store._record_script, store._limits_script, store._page_script)  # noqa: SLF001
+            ]
+            assert await admin.script_exists(*shas) == [True, True, True]
+            async with admin.monitor() as monitor:
+                await store.record("first", tier="t", requests=1, instances=1, now=clock())
+                async with Redis.from_url(redis_url, decode_responses=True, protocol=2) as other:
+                    await other.echo("end-of-count")
+                commands: list[str] = []
+                async with asyncio.timeout(5):
+                    while True:
+                        seen = await monitor.next_command()
+                        if seen["command"] == "ECHO end-of-count":
+                            break
+                        if seen["client_type"] != "lua":
+                            commands.append(seen["command"])
+        assert len(commands) == 1 and commands[0].startswith("EVALSHA"), commands
+
+    async def test_warming_a_store_that_is_down_raises_store_error(self, clock: FakeClock) -> None:
+        store = RedisStore.from_url(
+            f"redis://127.0.0.1:{free_port()}/0",
+            timeout_s=0.2,
+            ttl_s=60,
+            max_clients=10,
+            clock=clock,
+        )
+        with pytest.raises(StoreError):
+            await store.warm()
+        await store.close()
+
 
 class TestKeys:
     """Every key of one client lands in one cluster slot, whatever its id holds."""
