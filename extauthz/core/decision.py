@@ -1,6 +1,6 @@
 """The one decision core shared by Check and ext_proc's request_headers.
 
-identity -> deny list -> store + limits (one round trip, bounded by the decision budget)
+identity -> deny list -> terms of use -> store + limits (one round trip, bounded by the decision budget)
 -> risk level -> action. Pure of grpc and redis: the store is a Protocol, the clock injected.
 """
 
@@ -24,7 +24,7 @@ from extauthz.core.limiter import (
 )
 from extauthz.core.risk import Action, RiskLevel
 from extauthz.policy.loader import Snapshot
-from extauthz.policy.model import Limit
+from extauthz.policy.model import Limit, Terms
 from extauthz.store.base import ClientRecord, Store, StoreError
 from extauthz.telemetry import metrics
 
@@ -60,6 +60,8 @@ class Decision:
     challenge: IssuedChallenge | None = None
     granted_pass: str = ""
     pass_id: str = ""
+    # The terms of use in force when it was made (None: the policy declares none).
+    terms: Terms | None = None
 
     @property
     def allowed(self) -> bool:
@@ -93,6 +95,8 @@ _ChargesKey = tuple[str, str, str, int, int]
 _Charges = tuple[tuple[Limit, LimitCharge], ...]
 # Bounded: one entry per active client and cost; cleared when full.
 _MAX_CACHED_CHARGES = 16_384
+# Bounded: the terms version last seen per client, for operators; cleared when full.
+_MAX_TERMS_SEEN = 65_536
 
 _STATUS = {Action.ALLOW: 200, Action.THROTTLE: 429, Action.CHALLENGE: 401, Action.BLOCK: 403}
 
@@ -122,6 +126,7 @@ class DecisionCore:
         # on every request but for their cost.
         self._charges_of: Snapshot | None = None
         self._charges: dict[_ChargesKey, tuple[dict[str, ChargeMode], _Charges]] = {}
+        self._terms_seen: dict[str, str] = {}
 
     @property
     def store(self) -> Store:
@@ -135,6 +140,8 @@ class DecisionCore:
         snapshot = snapshot or self._policy()
         policy = snapshot.policy
         identity = identify(request, snapshot)
+        if identity.terms_accepted:
+            self._see_terms(identity)
         if identity.error:
             # A key the policy does not know: no challenge can fix it, so refuse with 401.
             return self.verdict(
@@ -147,6 +154,11 @@ class DecisionCore:
             or in_networks(identity.address, deny.networks)
         ):
             return self.verdict(Action.BLOCK, identity, RiskLevel.ABUSIVE, ("deny_list",), snapshot)
+        if self.owes_terms(identity, snapshot):
+            # Refused before any charge, as the deny list: no limit or challenge can fix it.
+            return self.verdict(
+                Action.BLOCK, identity, RiskLevel.NORMAL, ("terms_not_accepted",), snapshot
+            )
         limits = self.limits_for(identity, snapshot, REQUEST_PHASE, cost=1)
         charged = await self.charge(
             identity, requests=1, instances=0, limits=limits, snapshot=snapshot
@@ -163,6 +175,39 @@ class DecisionCore:
         if charged.degraded:
             decision = _with(decision, reasons=(*decision.reasons, "store_unavailable"))
         return self.apply_limits(decision, limits, record, snapshot)
+
+    def _see_terms(self, identity: Identity) -> None:
+        seen = self._terms_seen
+        if seen.get(identity.client_id) == identity.terms_accepted:
+            return
+        if len(seen) >= _MAX_TERMS_SEEN:
+            seen.clear()
+        seen[identity.client_id] = identity.terms_accepted
+
+    def terms_on_record(self, client_id: str, snapshot: Snapshot) -> str:
+        """The terms version ``client_id`` accepted, as far as this replica knows: its API
+        key's ``terms_version`` (the policy, shared by every replica), else the version its
+        last request here carried (a JWT claim or the signup flow's header)."""
+        terms = snapshot.policy.terms
+        if terms is None:
+            return ""
+        if terms.accepted_from.api_key and client_id.startswith("key:"):
+            name = client_id.removeprefix("key:")
+            for key in snapshot.keys_by_sha256.values():
+                if key.name == name and key.terms_version:
+                    return key.terms_version
+        return self._terms_seen.get(client_id, "")
+
+    def owes_terms(self, identity: Identity, snapshot: Snapshot) -> bool:
+        """Whether the client's tier requires terms of use it has not accepted (the current
+        version, or the previous one before the grace ends)."""
+        terms = snapshot.policy.terms
+        if terms is None:
+            return False
+        tier = snapshot.policy.tiers.get(identity.tier)
+        if tier is None or not tier.require_terms:
+            return False
+        return not terms.admits(identity.terms_accepted, self._clock())
 
     def judge(self, identity: Identity, record: ClientRecord, snapshot: Snapshot) -> Decision:
         """Turn a client's record into a verdict (no I/O)."""
@@ -295,6 +340,7 @@ class DecisionCore:
             status or _STATUS[action],
             retry,
             policy.mode == "enforce",
+            terms=policy.terms,
         )
 
     async def charge(

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from extauthz.policy.loader import Snapshot
+from extauthz.policy.model import is_terms_version
 
 IdentityKind = Literal["api_key", "jwt", "anonymous"]
 
@@ -41,10 +42,63 @@ class Identity:
     key_sha256: str = ""
     address: str = ""
     error: str = field(default="", compare=False)
+    # The terms of use version this request says its client accepted ("" when none).
+    terms_accepted: str = field(default="", compare=False)
 
 
 def identify(request: RequestInfo, snapshot: Snapshot) -> Identity:
     """Resolve the caller; ``error`` is ``invalid_api_key`` for a key the policy does not know."""
+    identity = _identify(request, snapshot)
+    terms = snapshot.policy.terms
+    if terms is None:
+        return identity
+    accepted = accepted_terms(request, snapshot, identity)
+    if not accepted:
+        return identity
+    return Identity(
+        identity.client_id,
+        identity.tier,
+        identity.kind,
+        identity.key_sha256,
+        identity.address,
+        identity.error,
+        accepted,
+    )
+
+
+def accepted_terms(request: RequestInfo, snapshot: Snapshot, identity: Identity) -> str:
+    """The terms version the request's client accepted, from the sources the policy names.
+
+    When sources disagree the best one counts: the current version, then the previous one
+    of the grace, then whatever was given (so a refusal can say what the client accepted).
+    """
+    terms = snapshot.policy.terms
+    if terms is None:
+        return ""
+    sources = terms.accepted_from
+    found: list[str] = []
+    if sources.api_key and identity.kind == "api_key" and not identity.error:
+        key = snapshot.keys_by_sha256.get(identity.key_sha256)
+        if key is not None and key.terms_version:
+            found.append(key.terms_version)
+    if sources.jwt_claim and identity.kind == "jwt" and request.jwt_payload:
+        claim = request.jwt_payload.get(sources.jwt_claim)
+        if isinstance(claim, str | int | float) and not isinstance(claim, bool):
+            found.append(str(claim).strip())
+    if sources.header:
+        found.append(request.headers.get(sources.header, "").strip())
+    # Malformed values (a joined duplicate header, junk) count as no acceptance.
+    found = [value for value in found if is_terms_version(value)]
+    if not found:
+        return ""
+    if terms.version in found:
+        return terms.version
+    if terms.grace is not None and terms.grace.previous in found:
+        return terms.grace.previous
+    return found[0]
+
+
+def _identify(request: RequestInfo, snapshot: Snapshot) -> Identity:
     policy = snapshot.policy
     address = normalize_address(request.source_address)
     raw_key = request.headers.get(policy.identity.api_key_header, "")

@@ -6,12 +6,14 @@ predictions), and for each mark prints the statistic, the rate expected by chanc
 decoy keys) and a p-value, then a combined p-value and a verdict. With ``--probe`` inputs the
 soft mark is tested too, and with ``--model-url`` (the protected model itself, unguarded) and
 ``--noise-key-file`` the misinformation mark: whether the suspect answers the guard's keyed wrong
-classes where the model answers the right ones.
+classes where the model answers the right ones. Each verdict names the terms of use versions
+the clients had accepted when they were served the marked answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import urllib.parse
@@ -84,6 +86,13 @@ def label_evidence(
     return verify_label_marks(
         suspect.argmax(axis=1), targets, classes, decoys=decoys, original_labels=original, kid=kid
     )
+
+
+def terms_summary(records: Sequence[EvidenceRecord]) -> str:
+    """The terms of use versions the records were served under, most records first, with
+    counts: ``2024-06 (120), none (3)``; ``none`` for records without an accepted version."""
+    counts = collections.Counter(r.terms_version or "none" for r in records)
+    return ", ".join(f"{version} ({n})" for version, n in counts.most_common())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,5 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if combined < VERDICT_P
         else "no evidence of cloning"
     )
-    print(f"combined p-value {combined:.3g}: {verdict}")
+    terms = terms_summary(records)
+    print(f"terms of use accepted when served: {terms}")
+    print(f"combined p-value {combined:.3g}: {verdict}; terms of use accepted: {terms}")
     return 0

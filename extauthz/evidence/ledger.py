@@ -43,6 +43,8 @@ class EvidenceRecord:
     input: bytes
     served_label: int
     mark: str = "label"
+    # The terms of use version the client had accepted when it was served ("" when none).
+    terms_version: str = ""
 
 
 class Ledger(Protocol):
@@ -106,6 +108,7 @@ class MemoryLedger:
                     data,
                     record.served_label,
                     record.mark,
+                    record.terms_version,
                 )
             )
         self._expire()
@@ -127,6 +130,7 @@ class MemoryLedger:
                     data,
                     record.served_label,
                     record.mark,
+                    record.terms_version,
                 )
             )
             if len(out) >= limit:
@@ -215,6 +219,8 @@ class RedisLedger:
             "i": base64.b64encode(data).decode("ascii"),
             "l": str(record.served_label),
             "m": record.mark,
+            # Records written before terms existed have no "v": read as "".
+            "v": record.terms_version,
         }
 
     async def read(
@@ -280,6 +286,7 @@ class RedisLedger:
             input=self._cipher.open(data) if self._cipher else data,
             served_label=int(_text(_field(fields, "l"))),
             mark=_text(_field(fields, "m")),
+            terms_version=_text(_field(fields, "v") or ""),
         )
 
 

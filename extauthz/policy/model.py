@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -25,6 +26,23 @@ from extauthz.core.risk import Action, RiskLevel
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# A terms version travels in a header and a JSON body: a short token, no spaces or commas.
+_TERMS_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}$")
+_HEADER_NAME = re.compile(r"^[a-z0-9-]+$")
+
+
+def is_terms_version(value: str) -> bool:
+    """Whether ``value`` is a well-formed terms version (a short header-safe token)."""
+    return _TERMS_VERSION.match(value) is not None
+
+
+def _terms_version(value: str) -> str:
+    if not is_terms_version(value):
+        raise ValueError("must be 1-64 characters of A-Z, a-z, 0-9, '.', '_', ':', '+', '-'")
+    return value
+
+
+TermsVersion = Annotated[str, AfterValidator(_terms_version)]
 
 
 def _network(value: object) -> object:
@@ -50,6 +68,9 @@ class ApiKey(_Frozen):
     name: str = Field(description="label shown to operators; the client id is key:<name>")
     sha256: str
     tier: str
+    terms_version: TermsVersion | None = Field(
+        default=None, description="the terms of use version this key's holder accepted"
+    )
 
     @field_validator("name")
     @classmethod
@@ -94,10 +115,75 @@ class Identity(_Frozen):
     @field_validator("api_key_header")
     @classmethod
     def _header(cls, value: str) -> str:
-        value = value.lower()
-        if not re.match(r"^[a-z0-9-]+$", value):
-            raise ValueError("must be an HTTP header name")
+        return _header_name(value)
+
+
+def _header_name(value: str) -> str:
+    value = value.lower()
+    if not _HEADER_NAME.match(value):
+        raise ValueError("must be an HTTP header name")
+    return value
+
+
+class TermsAcceptance(_Frozen):
+    """Where the guard reads the terms version a client accepted (each source may be off).
+
+    ``jwt_claim``: a claim in the verified JWT payload (jwt_authn metadata); ``api_key``: the
+    key's ``terms_version`` (policy or keys file); ``header``: a request header the operator's
+    signup flow sets, which Envoy must strip from clients as it strips ``x-extauthz-*``.
+    """
+
+    jwt_claim: str | None = "terms_version"
+    api_key: bool = True
+    header: str | None = None
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, value: str | None) -> str | None:
+        return None if value is None else _header_name(value)
+
+
+class TermsGrace(_Frozen):
+    """A rollout window: ``previous`` still admits until ``until`` (a timezone-aware time)."""
+
+    previous: TermsVersion
+    until: AwareDatetime
+
+    @property
+    def until_s(self) -> float:
+        """``until`` in seconds since the epoch (the guard's clock)."""
+        return self.until.timestamp()
+
+
+class Terms(_Frozen):
+    """The terms of use in force: told to every client, required by the tiers that say so."""
+
+    url: str
+    version: TermsVersion
+    grace: TermsGrace | None = None
+    accepted_from: TermsAcceptance = TermsAcceptance()
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s<>\"]+$", value):
+            raise ValueError("must be an http(s) URL without spaces, '<', '>' or quotes")
         return value
+
+    @model_validator(mode="after")
+    def _grace(self) -> Terms:
+        if self.grace is not None and self.grace.previous == self.version:
+            raise ValueError("grace.previous: must differ from version")
+        return self
+
+    def admits(self, accepted: str, now: float) -> bool:
+        """Whether a client that accepted version ``accepted`` may use a tier requiring terms."""
+        if not accepted:
+            return False
+        if accepted == self.version:
+            return True
+        grace = self.grace
+        return grace is not None and accepted == grace.previous and now < grace.until_s
 
 
 class OutputStep(_Frozen):
@@ -277,6 +363,8 @@ class Tier(_Frozen):
     limits: tuple[Limit, ...] = ()
     llm: LlmRules = LlmRules()
     watermark: Watermark = Watermark()
+    # Admit only clients that accepted the policy's terms (or the previous ones in the grace).
+    require_terms: bool = False
 
     def output_for(self, level: RiskLevel) -> tuple[OutputStep, ...]:
         """The output pipeline for a client at ``level``."""
@@ -512,6 +600,7 @@ class Policy(_Frozen):
     challenge: Challenge = Challenge()
     detection: Detection = Detection()
     evidence: Evidence = Evidence()
+    terms: Terms | None = None
 
     @field_validator("tiers")
     @classmethod
@@ -542,6 +631,13 @@ class Policy(_Frozen):
             if key.sha256 in seen:
                 raise ValueError(f"identity.api_keys[{index}].sha256: duplicate key")
             seen.add(key.sha256)
+        if self.terms is None:
+            for name, tier in tiers.items():
+                if tier.require_terms:
+                    raise ValueError(
+                        f"tiers.{name}.require_terms: needs a top-level terms section "
+                        "(url, version)"
+                    )
         return self
 
     def tier(self, name: str) -> Tier:

@@ -218,6 +218,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         snapshot = self._core.snapshot()
         identity = Identity(record.client_id, record.tier, "anonymous")
         decision = self._core.judge(identity, record, snapshot)
+        terms = snapshot.policy.terms
+        tier = snapshot.policy.tiers.get(record.tier)
+        accepted = self._core.terms_on_record(record.client_id, snapshot)
         return admin_pb2.Client(
             client_id=record.client_id,
             tier=record.tier,
@@ -233,6 +236,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             risk=record.risk,
             detected_level=record.detected_level,
             risk_reasons=list(record.risk_reasons),
+            terms_version=terms.version if terms is not None else "",
+            terms_required=bool(terms is not None and tier is not None and tier.require_terms),
+            terms_accepted=accepted,
+            terms_admitted=terms is not None and terms.admits(accepted, self._clock()),
         )
 
 

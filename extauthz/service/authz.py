@@ -120,7 +120,8 @@ class AllowCache:
 
     Building the headers and the metadata Struct costs more than deciding. What changes from
     one request to the next is only the ``RateLimit`` field (units left, seconds until full), so
-    the answer is kept per client, verdict and ``RateLimit-Policy``, and a request with limits
+    the answer is kept per client, verdict, ``RateLimit-Policy`` and terms of use (a reload
+    may change them), and a request with limits
     gets a copy (one C-level copy) with its own ``RateLimit`` value; without limits the kept
     answer itself is returned, never mutated after it is built. Bounded: cleared when full,
     which costs one rebuild per active client. A pass granted now is never cached.
@@ -135,6 +136,7 @@ class AllowCache:
         headers named in ``remove``."""
         fields = rate_limit_fields(decision.limits)
         identity = decision.identity
+        terms = decision.terms
         key = (
             identity.client_id,
             identity.tier,
@@ -145,6 +147,8 @@ class AllowCache:
             decision.pass_id,
             fields[0][1] if fields else "",
             remove,
+            (terms.url, terms.version) if terms is not None else None,
+            identity.terms_accepted,
         )
         response = self._responses.get(key)
         if response is None:
@@ -161,7 +165,19 @@ class AllowCache:
         return answer
 
 
-_AllowKey = tuple[str, str, RiskLevel, Action, tuple[str, ...], bool, str, str, tuple[str, ...]]
+_AllowKey = tuple[
+    str,
+    str,
+    RiskLevel,
+    Action,
+    tuple[str, ...],
+    bool,
+    str,
+    str,
+    tuple[str, ...],
+    tuple[str, str] | None,
+    str,
+]
 
 
 class RouteCache:

@@ -20,10 +20,14 @@ from extauthz.challenge.passes import set_cookie_value
 from extauthz.core.decision import Decision
 from extauthz.core.limiter import rate_limit_fields
 from extauthz.core.risk import Action
+from extauthz.policy.model import Terms
 
 UPSTREAM_CLIENT = "x-extauthz-client"
 UPSTREAM_TIER = "x-extauthz-tier"
 UPSTREAM_RISK = "x-extauthz-risk"
+# The terms of use on every answer: an RFC 8288 link (relation from RFC 6903) and the version.
+TERMS_VERSION_HEADER = "x-extauthz-terms-version"
+TERMS_RELATION = "terms-of-service"
 
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 EXT_PROC_NAMESPACE = "extauthz"
@@ -35,6 +39,7 @@ _MESSAGES = {
     "operator_block": "this client has been blocked by an operator",
     "invalid_api_key": "the API key is not valid",
     "store_unavailable": "the service cannot decide right now; try again shortly",
+    "terms_not_accepted": "this tier requires acceptance of the current terms of use",
 }
 _DENY_MESSAGES = {
     Action.THROTTLE: "too many requests; retry after the time given in Retry-After",
@@ -94,6 +99,7 @@ def decision_struct(decision: Decision) -> struct_pb2.Struct:
         decision.reasons,
         decision.enforced,
         decision.pass_id,
+        identity.terms_accepted,
     )
     struct = _STRUCTS.get(key)
     if struct is None:
@@ -120,6 +126,8 @@ def _build_decision_struct(decision: Decision) -> struct_pb2.Struct:
             "reasons": ",".join(decision.reasons),
             "enforced": decision.enforced,
             "pass": decision.pass_id,
+            # The terms version the client accepted, for the access log and ext_proc.
+            "terms": decision.identity.terms_accepted,
         }
     )
     return struct
@@ -133,6 +141,31 @@ def upstream_headers(decision: Decision) -> list[tuple[str, str]]:
     ]
 
 
+# --- terms of use -------------------------------------------------------------------------------
+
+
+def terms_headers(terms: Terms | None) -> list[tuple[str, str]]:
+    """The notice every answer through the guard carries: where the terms are, which version."""
+    if terms is None:
+        return []
+    return [
+        ("link", f'<{terms.url}>; rel="{TERMS_RELATION}"'),
+        (TERMS_VERSION_HEADER, terms.version),
+    ]
+
+
+def terms_document(terms: Terms, *, accepted: str | None = None) -> dict[str, Any]:
+    """The terms in a refusal body; ``accepted`` (when not None) adds what the client accepted
+    and, during a grace, until when the previous version still admits."""
+    document: dict[str, Any] = {"url": terms.url, "version": terms.version}
+    if accepted is not None:
+        document["accepted"] = accepted or None
+        if terms.grace is not None:
+            document["previous"] = terms.grace.previous
+            document["previous_until"] = terms.grace.until.isoformat()
+    return document
+
+
 # --- refusals ----------------------------------------------------------------------------------
 
 
@@ -143,9 +176,12 @@ def refusal(
     accept: str = "",
     path: str = "/",
     captcha: CaptchaWidget | None = None,
+    notice: bool = True,
 ) -> tuple[int, list[tuple[str, str]], bytes]:
     """Return (status, headers, body) for a decision that refuses the request: JSON, or for a
-    challenge asked by a browser (``accept`` prefers text/html), the page that solves it."""
+    challenge asked by a browser (``accept`` prefers text/html), the page that solves it.
+    The body names the terms of use; the headers too unless ``notice`` is False (Envoy adds
+    Check's own to the answer)."""
     message = _MESSAGES.get(decision.error) or _DENY_MESSAGES.get(decision.action, "refused")
     document: dict[str, Any] = {
         "error": decision.error,
@@ -153,6 +189,24 @@ def refusal(
         "message": message,
     }
     headers = [("content-type", _JSON), ("cache-control", "no-store")]
+    terms = decision.terms
+    if terms is not None:
+        if notice:
+            headers.extend(terms_headers(terms))
+        if decision.error == "terms_not_accepted":
+            accepted = decision.identity.terms_accepted
+            document["terms"] = terms_document(terms, accepted=accepted)
+            on_record = (
+                f"the version on record for this client is {accepted}"
+                if accepted
+                else "no acceptance is on record for this client"
+            )
+            document["message"] = (
+                f"this tier requires acceptance of the terms of use version {terms.version} "
+                f"at {terms.url}; {on_record}: accept them, then retry"
+            )
+        else:
+            document["terms"] = terms_document(terms)
     limit = decision.refused_by
     if limit is not None:
         document["limit"] = {
@@ -242,6 +296,7 @@ def denial(
     path: str,
     request_id: str,
     captcha: CaptchaWidget | None = None,
+    notice: bool = True,
 ) -> tuple[int, list[tuple[str, str]], bytes]:
     """The (status, headers, body) refusing a request with these ``headers``: the one answer
     Check puts in its denied_response and ext_proc in its ImmediateResponse."""
@@ -251,6 +306,7 @@ def denial(
         accept=headers.get("accept", ""),
         path=path,
         captcha=captcha,
+        notice=notice,
     )
 
 
@@ -259,8 +315,13 @@ def _window(seconds: float) -> str:
     return names.get(seconds, f"{seconds:g} s")
 
 
-def error_body(code: str, message: str, *, request_id: str = "") -> bytes:
-    document = {"error": code, "message": message}
+def error_body(
+    code: str, message: str, *, request_id: str = "", terms: Terms | None = None
+) -> bytes:
+    """A JSON error body; with ``terms``, the terms of use in force (as refusals carry)."""
+    document: dict[str, Any] = {"error": code, "message": message}
+    if terms is not None:
+        document["terms"] = terms_document(terms)
     if request_id:
         document["request_id"] = request_id
     return json.dumps(document, separators=(",", ":")).encode()
@@ -299,9 +360,14 @@ def check_ok(
         ok_response=auth_pb2.OkHttpResponse(
             headers=_header_options(upstream_headers(decision)),
             headers_to_remove=list(remove),
-            # The client's remaining budget, on the answer it gets.
+            # The client's remaining budget and the terms of use, on the answer it gets.
             response_headers_to_add=_header_options(
-                [*rate_limit_fields(decision.limits), *client_headers], append=True
+                [
+                    *rate_limit_fields(decision.limits),
+                    *client_headers,
+                    *terms_headers(decision.terms),
+                ],
+                append=True,
             ),
         ),
         dynamic_metadata=decision_struct(decision),
@@ -402,11 +468,13 @@ def process_refusal(
     captcha: CaptchaWidget | None = None,
     details: str = "",
     with_metadata: bool = True,
+    notice: bool = True,
 ) -> proc_pb2.ProcessingResponse:
     """Refuse from ext_proc with exactly the status, headers and body Check would have sent,
-    and (``with_metadata``) the decision under the ``extauthz`` namespace."""
+    and (``with_metadata``) the decision under the ``extauthz`` namespace; ``notice`` False
+    leaves the terms of use headers to Check's answer (two hops)."""
     status, answer_headers, body = denial(
-        decision, headers, path=path, request_id=request_id, captcha=captcha
+        decision, headers, path=path, request_id=request_id, captcha=captcha, notice=notice
     )
     metadata = {EXT_PROC_NAMESPACE: decision_struct(decision)} if with_metadata else None
     return immediate(

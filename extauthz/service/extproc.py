@@ -6,8 +6,8 @@ request_headers  -> identity, route, and (without a Check verdict in metadata) t
                     tier can never need them (mode_override)
 request_body     -> parse model inputs by dialect, apply LLM request rules, count instances,
                     charge them to the limits and to the client's pass
-response_headers -> RateLimit fields and a granted pass for the client; skip the body when
-                    nothing needs it
+response_headers -> RateLimit fields, a granted pass and (single hop) the terms of use notice
+                    for the client; skip the body when nothing needs it
 response_body    -> charge tokens, hand the answer to the detectors, apply the output pipeline
                     and the watermarks, record marked answers, re-serialize with a correct
                     content-length
@@ -128,6 +128,8 @@ class _StreamState:
     parsed_request: ParsedRequest | None = None
     detect: bool = False
     done: bool = False
+    # No Check ran before this stream: the answer's client headers (terms notice) come from here.
+    single_hop: bool = False
     # For the audit line: the guard's own time, and the status and code of an immediate answer.
     busy_s: float = 0.0
     answered_status: int = 0
@@ -215,12 +217,19 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             log.exception("ext_proc_failed", phase=phase, request_id=state.request_id)
             if phase.startswith("request") and state.route is not None:
                 state.done = True
+                terms = state.snapshot.policy.terms if state.snapshot is not None else None
                 body = envoy.error_body(
                     "internal_error",
                     "the guard failed to process this request",
                     request_id=state.request_id,
+                    terms=terms,
                 )
-                return envoy.immediate(500, _JSON_HEADERS, body, details="extauthz_internal_error")
+                return envoy.immediate(
+                    500,
+                    [*_JSON_HEADERS, *_notice(state)],
+                    body,
+                    details="extauthz_internal_error",
+                )
             return envoy.continue_response(phase)
         finally:
             elapsed = time.perf_counter() - started
@@ -265,6 +274,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         if check is None:
             # Single hop: no Check ran before this filter (its metadata is absent), so decide
             # here with the same core and gate; the request is charged here, once.
+            state.single_hop = True
             decision = await self._core.decide(info, snapshot=snapshot)
             decision = await self._gate.admit(decision, headers, snapshot)
         else:
@@ -294,8 +304,9 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         key_header = snapshot.policy.identity.api_key_header
         if route is None:
             # Single hop off the model routes: what Check does there (headers and metadata),
-            # then only the response headers, and those only to carry RateLimit fields or a pass.
-            respond = bool(decision.limits or decision.granted_pass)
+            # then only the response headers, and those only to carry RateLimit fields, a pass
+            # or the terms of use.
+            respond = bool(decision.limits or decision.granted_pass or decision.terms)
             state.done = not respond
             return envoy.continue_response(
                 "request_headers",
@@ -342,7 +353,12 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         detect = self._detection is not None and policy.detection.enabled
         if tier.output_for(state.level) or marked or tokens or detect:
             return None
-        respond = bool(tier.limits or state.decision.limits or state.decision.granted_pass)
+        respond = bool(
+            tier.limits
+            or state.decision.limits
+            or state.decision.granted_pass
+            or (state.single_hop and state.decision.terms)
+        )
         return _MODE(
             request_header_mode=_MODE.SEND,
             request_body_mode=_request_body_mode(message),
@@ -366,6 +382,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 ("content-type", "application/grpc"),
                 ("grpc-status", "3"),
                 ("grpc-message", "gRPC inference is not accepted on this route"),
+                *_notice(state),
             ]
             return envoy.immediate(200, grpc_headers, b"", details="extauthz_grpc_refused")
         tier = state.snapshot.policy.tier(state.identity.tier)
@@ -387,6 +404,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                     ("grpc-status", "8"),
                     ("grpc-message", "rate limited"),
                     ("retry-after", str(decision.retry_after_s)),
+                    *_notice(state),
                 ]
                 return envoy.immediate(200, grpc_headers, b"", details="extauthz_rate_limited")
         mutation = envoy.header_mutation(
@@ -459,7 +477,10 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                     status, refusal_body = outcome.refusal
                     state.done = True
                     return envoy.immediate(
-                        status, _JSON_HEADERS, refusal_body, details="extauthz_request_rule"
+                        status,
+                        [*_JSON_HEADERS, *_notice(state)],
+                        refusal_body,
+                        details="extauthz_request_rule",
                     )
                 if outcome.body is not None:
                     # A capped `n` changes what the request costs: count the body that goes on.
@@ -535,6 +556,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             captcha=self._gate.widget(state.snapshot) if state.snapshot is not None else None,
             details=details,
             with_metadata=with_metadata,
+            notice=state.single_hop,
         )
 
     def _refuse_body(
@@ -548,8 +570,10 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             request_id=state.request_id,
             client=state.identity.client_id if state.identity else "",
         )
-        body = envoy.error_body(code, message, request_id=state.request_id)
-        return envoy.immediate(status, _JSON_HEADERS, body, details=f"extauthz_{code}")
+        terms = state.snapshot.policy.terms if state.snapshot is not None else None
+        body = envoy.error_body(code, message, request_id=state.request_id, terms=terms)
+        headers = [*_JSON_HEADERS, *_notice(state)]
+        return envoy.immediate(status, headers, body, details=f"extauthz_{code}")
 
     def _decode(self, data: bytes, *, encoding: str) -> bytes:
         if len(data) > self._max_body_bytes:
@@ -565,12 +589,14 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
     ) -> proc_pb2.ProcessingResponse:
         if state.identity is None or state.snapshot is None:
             return envoy.continue_response("response_headers", mode_override=_SKIP_RESPONSE_BODY)
-        # The client's remaining budget and a granted pass travel on the answer.
+        # The client's remaining budget and a granted pass travel on the answer, and in single
+        # hop the terms of use (in two hops Check's answer adds them).
         client_headers: list[tuple[str, str]] = []
         if state.decision is not None:
             client_headers = envoy.client_headers(
                 state.decision, pass_ttl_s=state.snapshot.policy.challenge.pass_ttl_s
             )
+            client_headers.extend(_notice(state))
         mutation = envoy.header_mutation(append=client_headers) if client_headers else None
         if state.route is None:  # single hop off the model routes: headers only
             return envoy.continue_response(
@@ -648,6 +674,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 now,
                 orjson.dumps(raw[i].tolist()),
                 int(labels.targets[i]),
+                terms_version=state.identity.terms_accepted,
             )
             for i in np.flatnonzero(labels.marked)
         ]
@@ -734,6 +761,15 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             remove=["content-encoding"] if state.response_encoding not in ("", "identity") else [],
         )
         return envoy.continue_response("response_body", mutation=mutation, body=new_body)
+
+
+def _notice(state: _StreamState) -> list[tuple[str, str]]:
+    """The terms of use headers for an answer made here: in single hop only, since in two
+    hops Envoy adds Check's (``response_headers_to_add``) to every answer, ext_proc's
+    immediate ones included."""
+    if not state.single_hop or state.snapshot is None:
+        return []
+    return envoy.terms_headers(state.snapshot.policy.terms)
 
 
 def _merge_limits(before: Decision, after: Decision) -> Decision:

@@ -54,6 +54,7 @@ DECISION_REASONS: Final = frozenset(
         "other",
         "invalid_api_key",
         "deny_list",
+        "terms_not_accepted",
         "operator_block",
         "store_unavailable",
         "rate_limited",

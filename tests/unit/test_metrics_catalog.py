@@ -150,6 +150,7 @@ class TestReasonLabel:
         [
             "invalid_api_key",
             "deny_list",
+            "terms_not_accepted",
             "operator_block",
             "store_unavailable",
             "rate_limited",

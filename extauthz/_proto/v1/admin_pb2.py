@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65xtauthz/_proto/v1/admin.proto\x12\x0b\x65xtauthz.v1\"9\n\x15\x45xportEvidenceRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"\'\n\x16\x45xportEvidenceResponse\x12\r\n\x05lines\x18\x01 \x03(\t\")\n\x14\x45raseEvidenceRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\'\n\x15\x45raseEvidenceResponse\x12\x0e\n\x06\x65rased\x18\x01 \x01(\x03\"\xbd\x02\n\x06\x43lient\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x14\n\x0cpinned_level\x18\x03 \x01(\t\x12\x0f\n\x07\x62locked\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nfirst_seen\x18\x06 \x01(\x01\x12\x11\n\tlast_seen\x18\x07 \x01(\x01\x12\x10\n\x08requests\x18\x08 \x01(\x03\x12\x11\n\tinstances\x18\t \x01(\x03\x12\x17\n\x0f\x65\x66\x66\x65\x63tive_level\x18\n \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x0b \x01(\t\x12\x0c\n\x04risk\x18\x0c \x01(\x01\x12\x16\n\x0e\x64\x65tected_level\x18\r \x01(\t\x12\x14\n\x0crisk_reasons\x18\x0e \x03(\t\x12*\n\x08timeline\x18\x0f \x03(\x0b\x32\x18.extauthz.v1.LevelChange\";\n\x0bLevelChange\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0f\n\x07reasons\x18\x03 \x01(\t\"%\n\x10GetClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\";\n\x12ListClientsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x13ListClientsResponse\x12$\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x13.extauthz.v1.Client\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x12ResetClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"&\n\x13ResetClientResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"o\n\x15SetClientLevelRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0f\n\x07\x62locked\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x01\x32\xea\x03\n\x05\x41\x64min\x12?\n\tGetClient\x12\x1d.extauthz.v1.GetClientRequest\x1a\x13.extauthz.v1.Client\x12P\n\x0bListClients\x12\x1f.extauthz.v1.ListClientsRequest\x1a .extauthz.v1.ListClientsResponse\x12P\n\x0bResetClient\x12\x1f.extauthz.v1.ResetClientRequest\x1a .extauthz.v1.ResetClientResponse\x12I\n\x0eSetClientLevel\x12\".extauthz.v1.SetClientLevelRequest\x1a\x13.extauthz.v1.Client\x12Y\n\x0e\x45xportEvidence\x12\".extauthz.v1.ExportEvidenceRequest\x1a#.extauthz.v1.ExportEvidenceResponse\x12V\n\rEraseEvidence\x12!.extauthz.v1.EraseEvidenceRequest\x1a\".extauthz.v1.EraseEvidenceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65xtauthz/_proto/v1/admin.proto\x12\x0b\x65xtauthz.v1\"9\n\x15\x45xportEvidenceRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"\'\n\x16\x45xportEvidenceResponse\x12\r\n\x05lines\x18\x01 \x03(\t\")\n\x14\x45raseEvidenceRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\'\n\x15\x45raseEvidenceResponse\x12\x0e\n\x06\x65rased\x18\x01 \x01(\x03\"\x9c\x03\n\x06\x43lient\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x14\n\x0cpinned_level\x18\x03 \x01(\t\x12\x0f\n\x07\x62locked\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nfirst_seen\x18\x06 \x01(\x01\x12\x11\n\tlast_seen\x18\x07 \x01(\x01\x12\x10\n\x08requests\x18\x08 \x01(\x03\x12\x11\n\tinstances\x18\t \x01(\x03\x12\x17\n\x0f\x65\x66\x66\x65\x63tive_level\x18\n \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x0b \x01(\t\x12\x0c\n\x04risk\x18\x0c \x01(\x01\x12\x16\n\x0e\x64\x65tected_level\x18\r \x01(\t\x12\x14\n\x0crisk_reasons\x18\x0e \x03(\t\x12*\n\x08timeline\x18\x0f \x03(\x0b\x32\x18.extauthz.v1.LevelChange\x12\x15\n\rterms_version\x18\x10 \x01(\t\x12\x16\n\x0eterms_required\x18\x11 \x01(\x08\x12\x16\n\x0eterms_accepted\x18\x12 \x01(\t\x12\x16\n\x0eterms_admitted\x18\x13 \x01(\x08\";\n\x0bLevelChange\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0f\n\x07reasons\x18\x03 \x01(\t\"%\n\x10GetClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\";\n\x12ListClientsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x13ListClientsResponse\x12$\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x13.extauthz.v1.Client\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x12ResetClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"&\n\x13ResetClientResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"o\n\x15SetClientLevelRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0f\n\x07\x62locked\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x01\x32\xea\x03\n\x05\x41\x64min\x12?\n\tGetClient\x12\x1d.extauthz.v1.GetClientRequest\x1a\x13.extauthz.v1.Client\x12P\n\x0bListClients\x12\x1f.extauthz.v1.ListClientsRequest\x1a .extauthz.v1.ListClientsResponse\x12P\n\x0bResetClient\x12\x1f.extauthz.v1.ResetClientRequest\x1a .extauthz.v1.ResetClientResponse\x12I\n\x0eSetClientLevel\x12\".extauthz.v1.SetClientLevelRequest\x1a\x13.extauthz.v1.Client\x12Y\n\x0e\x45xportEvidence\x12\".extauthz.v1.ExportEvidenceRequest\x1a#.extauthz.v1.ExportEvidenceResponse\x12V\n\rEraseEvidence\x12!.extauthz.v1.EraseEvidenceRequest\x1a\".extauthz.v1.EraseEvidenceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,21 +40,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERASEEVIDENCERESPONSE']._serialized_start=190
   _globals['_ERASEEVIDENCERESPONSE']._serialized_end=229
   _globals['_CLIENT']._serialized_start=232
-  _globals['_CLIENT']._serialized_end=549
-  _globals['_LEVELCHANGE']._serialized_start=551
-  _globals['_LEVELCHANGE']._serialized_end=610
-  _globals['_GETCLIENTREQUEST']._serialized_start=612
-  _globals['_GETCLIENTREQUEST']._serialized_end=649
-  _globals['_LISTCLIENTSREQUEST']._serialized_start=651
-  _globals['_LISTCLIENTSREQUEST']._serialized_end=710
-  _globals['_LISTCLIENTSRESPONSE']._serialized_start=712
-  _globals['_LISTCLIENTSRESPONSE']._serialized_end=796
-  _globals['_RESETCLIENTREQUEST']._serialized_start=798
-  _globals['_RESETCLIENTREQUEST']._serialized_end=837
-  _globals['_RESETCLIENTRESPONSE']._serialized_start=839
-  _globals['_RESETCLIENTRESPONSE']._serialized_end=877
-  _globals['_SETCLIENTLEVELREQUEST']._serialized_start=879
-  _globals['_SETCLIENTLEVELREQUEST']._serialized_end=990
-  _globals['_ADMIN']._serialized_start=993
-  _globals['_ADMIN']._serialized_end=1483
+  _globals['_CLIENT']._serialized_end=644
+  _globals['_LEVELCHANGE']._serialized_start=646
+  _globals['_LEVELCHANGE']._serialized_end=705
+  _globals['_GETCLIENTREQUEST']._serialized_start=707
+  _globals['_GETCLIENTREQUEST']._serialized_end=744
+  _globals['_LISTCLIENTSREQUEST']._serialized_start=746
+  _globals['_LISTCLIENTSREQUEST']._serialized_end=805
+  _globals['_LISTCLIENTSRESPONSE']._serialized_start=807
+  _globals['_LISTCLIENTSRESPONSE']._serialized_end=891
+  _globals['_RESETCLIENTREQUEST']._serialized_start=893
+  _globals['_RESETCLIENTREQUEST']._serialized_end=932
+  _globals['_RESETCLIENTRESPONSE']._serialized_start=934
+  _globals['_RESETCLIENTRESPONSE']._serialized_end=972
+  _globals['_SETCLIENTLEVELREQUEST']._serialized_start=974
+  _globals['_SETCLIENTLEVELREQUEST']._serialized_end=1085
+  _globals['_ADMIN']._serialized_start=1088
+  _globals['_ADMIN']._serialized_end=1578
 # @@protoc_insertion_point(module_scope)

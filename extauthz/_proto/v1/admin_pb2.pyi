@@ -33,7 +33,7 @@ class EraseEvidenceResponse(_message.Message):
     def __init__(self, erased: _Optional[int] = ...) -> None: ...
 
 class Client(_message.Message):
-    __slots__ = ("client_id", "tier", "pinned_level", "blocked", "reason", "first_seen", "last_seen", "requests", "instances", "effective_level", "action", "risk", "detected_level", "risk_reasons", "timeline")
+    __slots__ = ("client_id", "tier", "pinned_level", "blocked", "reason", "first_seen", "last_seen", "requests", "instances", "effective_level", "action", "risk", "detected_level", "risk_reasons", "timeline", "terms_version", "terms_required", "terms_accepted", "terms_admitted")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     PINNED_LEVEL_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,10 @@ class Client(_message.Message):
     DETECTED_LEVEL_FIELD_NUMBER: _ClassVar[int]
     RISK_REASONS_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    TERMS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TERMS_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    TERMS_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TERMS_ADMITTED_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     tier: str
     pinned_level: str
@@ -64,7 +68,11 @@ class Client(_message.Message):
     detected_level: str
     risk_reasons: _containers.RepeatedScalarFieldContainer[str]
     timeline: _containers.RepeatedCompositeFieldContainer[LevelChange]
-    def __init__(self, client_id: _Optional[str] = ..., tier: _Optional[str] = ..., pinned_level: _Optional[str] = ..., blocked: _Optional[bool] = ..., reason: _Optional[str] = ..., first_seen: _Optional[float] = ..., last_seen: _Optional[float] = ..., requests: _Optional[int] = ..., instances: _Optional[int] = ..., effective_level: _Optional[str] = ..., action: _Optional[str] = ..., risk: _Optional[float] = ..., detected_level: _Optional[str] = ..., risk_reasons: _Optional[_Iterable[str]] = ..., timeline: _Optional[_Iterable[_Union[LevelChange, _Mapping]]] = ...) -> None: ...
+    terms_version: str
+    terms_required: bool
+    terms_accepted: str
+    terms_admitted: bool
+    def __init__(self, client_id: _Optional[str] = ..., tier: _Optional[str] = ..., pinned_level: _Optional[str] = ..., blocked: _Optional[bool] = ..., reason: _Optional[str] = ..., first_seen: _Optional[float] = ..., last_seen: _Optional[float] = ..., requests: _Optional[int] = ..., instances: _Optional[int] = ..., effective_level: _Optional[str] = ..., action: _Optional[str] = ..., risk: _Optional[float] = ..., detected_level: _Optional[str] = ..., risk_reasons: _Optional[_Iterable[str]] = ..., timeline: _Optional[_Iterable[_Union[LevelChange, _Mapping]]] = ..., terms_version: _Optional[str] = ..., terms_required: _Optional[bool] = ..., terms_accepted: _Optional[str] = ..., terms_admitted: _Optional[bool] = ...) -> None: ...
 
 class LevelChange(_message.Message):
     __slots__ = ("time", "level", "reasons")
