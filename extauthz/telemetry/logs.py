@@ -100,7 +100,7 @@ class _AuditWriter:
 
 
 # The audit event's own fields (those log_decision passes, plus event, level, timestamp).
-_AUDIT_FIELDS: Final = 17
+_AUDIT_FIELDS: Final = 18
 _writer: _AuditWriter | None = None
 
 
@@ -182,6 +182,8 @@ def log_decision(
         "status": status,
         "enforced": decision.enforced,
         "duration_ms": round(duration_s * 1000.0, 3),
+        # The terms of use version the client had accepted ("" when none or no terms).
+        "terms": identity.terms_accepted,
     }
     writer = _writer
     if writer is not None and writer.active():

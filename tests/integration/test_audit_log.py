@@ -44,6 +44,7 @@ FIELDS = {
     "status",
     "enforced",
     "duration_ms",
+    "terms",
 }
 # A query that carries the key: the line keeps the path without its query.
 KEYED_PATH = f"/v1/models/m:predict?api_key={ALICE_KEY}"
