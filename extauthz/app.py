@@ -25,7 +25,7 @@ from extauthz._proto.v1 import admin_pb2, admin_pb2_grpc
 from extauthz.challenge.gate import CaptchaRegistry, ChallengeGate
 from extauthz.core.decision import DecisionCore
 from extauthz.detect.pipeline import DetectionPipeline
-from extauthz.evidence.ledger import Cipher, Ledger, MemoryLedger, RedisLedger
+from extauthz.evidence.ledger import BufferedLedger, Cipher, Ledger, MemoryLedger, RedisLedger
 from extauthz.keys import KeyRing
 from extauthz.policy.model import Evidence
 from extauthz.policy.watch import PolicyHolder
@@ -90,21 +90,24 @@ def create_ledger(
     *,
     timeout_s: float | None = None,
 ) -> Ledger:
-    """The evidence ledger beside the store: a Redis stream, or memory for the memory store.
+    """The evidence ledger beside the store: a Redis stream written behind the answers (see
+    ``BufferedLedger``), or memory for the memory store.
 
-    ``timeout_s`` bounds each append to the Redis stream (the decision budget: Envoy waits).
+    ``timeout_s`` bounds each write of a batch to the Redis stream.
     """
     cipher = Cipher(keys) if settings.encrypt else None
     from extauthz.store.redis import RedisStore
 
     if isinstance(store, RedisStore):
-        return RedisLedger(
-            store.redis,
-            max_records=settings.max_records,
-            retention_s=settings.retention_s,
-            clock=clock,
-            cipher=cipher,
-            timeout_s=timeout_s,
+        return BufferedLedger(
+            RedisLedger(
+                store.redis,
+                max_records=settings.max_records,
+                retention_s=settings.retention_s,
+                clock=clock,
+                cipher=cipher,
+                timeout_s=timeout_s,
+            )
         )
     return MemoryLedger(
         max_records=settings.max_records,
@@ -168,6 +171,7 @@ class Guard:
     health: health_aio.HealthServicer
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     captchas: CaptchaRegistry | None = None
+    ledger: Ledger | None = None
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Drain: health NOT_SERVING first, wait ``drain_s``, let in-flight requests finish, close."""
@@ -180,6 +184,8 @@ class Guard:
             task.cancel()
         await self.server.stop(grace_s)
         await self.http_runner.cleanup()
+        if isinstance(self.ledger, BufferedLedger):
+            await self.ledger.close()  # evidence queued during the drain, before the store goes
         await self.store.close()
         if self.captchas is not None:
             await self.captchas.close()
@@ -233,7 +239,7 @@ async def start(
     captchas = CaptchaRegistry()
     gate = ChallengeGate(core, keys, clock=clock, captcha=captchas.for_snapshot)
     ledger = create_ledger(
-        store, policy.current.policy.evidence, keys, clock, timeout_s=settings.decision_budget_s
+        store, policy.current.policy.evidence, keys, clock, timeout_s=_LEDGER_WRITE_TIMEOUT_S
     )
     fingerprint_keys = keys.derive("fingerprint")
     detection = DetectionPipeline(
@@ -289,7 +295,16 @@ async def start(
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     readiness.set_ready(True)
     guard = Guard(
-        settings, server, grpc_port, http_runner, http_port, policy, store, readiness, health
+        settings,
+        server,
+        grpc_port,
+        http_runner,
+        http_port,
+        policy,
+        store,
+        readiness,
+        health,
+        ledger=ledger,
     )
     guard.tasks.append(asyncio.create_task(policy.watch(settings.reload_interval_s)))
     log.info(
@@ -308,6 +323,10 @@ def _bound_port(runner: web.AppRunner, requested: int) -> int:
         if isinstance(address, tuple):
             return int(address[1])
     return requested
+
+
+# A batch of evidence is written behind the answers: no request waits for it.
+_LEDGER_WRITE_TIMEOUT_S = 1.0
 
 
 async def _warm(store: Store) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +46,9 @@ class EvidenceRecord:
     mark: str = "label"
     # The terms of use version the client had accepted when it was served ("" when none).
     terms_version: str = ""
+    # Random, set once when the record is queued: a write retried after a timeout that did
+    # land is read once ("" in records made before write-behind).
+    nonce: str = ""
 
 
 class Ledger(Protocol):
@@ -109,6 +113,7 @@ class MemoryLedger:
                     record.served_label,
                     record.mark,
                     record.terms_version,
+                    record.nonce,
                 )
             )
         self._expire()
@@ -131,6 +136,7 @@ class MemoryLedger:
                     record.served_label,
                     record.mark,
                     record.terms_version,
+                    record.nonce,
                 )
             )
             if len(out) >= limit:
@@ -221,6 +227,7 @@ class RedisLedger:
             "m": record.mark,
             # Records written before terms existed have no "v": read as "".
             "v": record.terms_version,
+            "n": record.nonce,
         }
 
     async def read(
@@ -233,6 +240,7 @@ class RedisLedger:
         (``ledger_unreadable``) and logged, so the rest of the ledger can still be exported.
         """
         out: list[EvidenceRecord] = []
+        seen: set[str] = set()
         unreadable = 0
         start = "-"
         while len(out) < limit:
@@ -247,6 +255,10 @@ class RedisLedger:
                 except _UNREADABLE:
                     unreadable += 1
                     continue
+                if record.nonce:
+                    if record.nonce in seen:
+                        continue  # a retried write that had landed
+                    seen.add(record.nonce)
                 if record.time >= horizon and (client_id is None or record.client_id == client_id):
                     out.append(record)
             if len(batch) < 1000:
@@ -287,7 +299,123 @@ class RedisLedger:
             served_label=int(_text(_field(fields, "l"))),
             mark=_text(_field(fields, "m")),
             terms_version=_text(_field(fields, "v") or ""),
+            nonce=_text(_field(fields, "n") or ""),
         )
+
+
+class BufferedLedger:
+    """Write-behind in front of a shared ledger: ``append`` queues and returns at once, and a
+    background task writes the queue in batches, retrying with backoff while the ledger fails.
+
+    An answer never waits for Redis, and marks served during an outage are written when it
+    ends instead of being lost. Each queued record gets a random ``nonce``, so a batch written
+    again after a timeout that did land is read once. At most ``max_pending`` records wait;
+    beyond that new ones are dropped and counted (``ledger_dropped``). ``read`` and ``erase``
+    flush first (a bounded try), so an export sees what was served. ``close`` flushes what it
+    can within its time; what is left is counted as dropped.
+    """
+
+    def __init__(
+        self,
+        inner: Ledger,
+        *,
+        max_pending: int = 100_000,
+        batch: int = 500,
+        retry_s: tuple[float, float] = (0.05, 2.0),
+    ) -> None:
+        if max_pending < 1 or batch < 1 or not 0 < retry_s[0] <= retry_s[1]:
+            raise ValueError("need max_pending >= 1, batch >= 1 and 0 < first retry <= last")
+        self._inner = inner
+        self._max = max_pending
+        self._batch = batch
+        self._retry_s = retry_s
+        self._pending: collections.deque[EvidenceRecord] = collections.deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Records queued and not yet written."""
+        return len(self._pending)
+
+    async def append(self, records: Sequence[EvidenceRecord]) -> None:
+        room = self._max - len(self._pending)
+        if room < len(records):
+            metrics.ERRORS.labels("ledger_dropped").inc(len(records) - max(room, 0))
+            records = records[: max(room, 0)]
+        for record in records:
+            self._pending.append(
+                record if record.nonce else dataclasses.replace(record, nonce=os.urandom(8).hex())
+            )
+        if records:
+            self._idle.clear()
+            self._wake.set()
+            if self._task is None or self._task.done():
+                self._task = asyncio.create_task(self._drain())
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the queue to be written; return whether it was."""
+        if self._idle.is_set():
+            return True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def read(
+        self, *, client_id: str | None = None, limit: int = 1_000_000
+    ) -> list[EvidenceRecord]:
+        await self.flush(_FLUSH_BEFORE_READ_S)
+        return await self._inner.read(client_id=client_id, limit=limit)
+
+    async def erase(self, client_id: str) -> int:
+        queued = [r for r in self._pending if r.client_id != client_id]
+        dropped = len(self._pending) - len(queued)
+        self._pending.clear()
+        self._pending.extend(queued)
+        await self.flush(_FLUSH_BEFORE_READ_S)  # a batch in flight may hold the client's records
+        return dropped + await self._inner.erase(client_id)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued (up to ``timeout_s``), then stop the writer."""
+        if not await self.flush(timeout_s) and self._pending:
+            metrics.ERRORS.labels("ledger_dropped").inc(len(self._pending))
+            log.warning("ledger_records_dropped", count=len(self._pending), detail="at shutdown")
+            self._pending.clear()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _drain(self) -> None:
+        delay = self._retry_s[0]
+        while True:
+            if not self._pending:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [self._pending.popleft() for _ in range(min(self._batch, len(self._pending)))]
+            try:
+                await self._inner.append(batch)
+            except Exception as exc:  # the ledger is down: keep the records, try again later
+                self._pending.extendleft(reversed(batch))
+                metrics.ERRORS.labels("ledger_unavailable").inc()
+                log.warning(
+                    "ledger_append_failed", error=str(exc)[:200], pending=len(self._pending)
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_s[1])
+                continue
+            delay = self._retry_s[0]
+
+
+# An export waits this long for queued records before it reads the shared ledger.
+_FLUSH_BEFORE_READ_S = 2.0
 
 
 def _field(fields: Any, name: str) -> Any:

@@ -143,7 +143,8 @@ LEVEL_CHANGES = Counter(
 )
 EVIDENCE = Counter(
     "extauthz_evidence_records",
-    "Label-marked answers written to the evidence ledger.",
+    "Label-marked answers handed to the evidence ledger (queued for a shared one; failed "
+    "writes count as errors ledger_unavailable, ledger_dropped).",
     registry=REGISTRY,
 )
 BODY_REWRITES = Counter(

@@ -295,6 +295,10 @@ class Guard:
     def errors(self, reason: str) -> float:
         return scrape(self.http_port).get(("extauthz_errors_total", (("reason", reason),)), 0.0)
 
+    def evidence(self) -> float:
+        """Marked answers handed to the evidence ledger so far."""
+        return scrape(self.http_port).get(("extauthz_evidence_records_total", ()), 0.0)
+
     def decisions_over(self, path: str, bound_s: float) -> tuple[int, int]:
         """Return (decisions on ``path`` slower than ``bound_s``, all of them), from the histogram."""
         samples = scrape(self.http_port)
@@ -346,6 +350,21 @@ def guard_for(tmp_path: Path) -> Iterator[Any]:
     yield start
     for proc in started:
         proc.stop()
+
+
+def _stream_length(server: RedisProcess, *, until: float, timeout_s: float = 10.0) -> int:
+    """The evidence stream's length once it reaches ``until`` (the write-behind retries with
+    backoff) or ``timeout_s`` passes."""
+    client = redis.Redis.from_url(server.url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            length = int(client.xlen("extauthz:evidence"))
+            if length >= until or time.monotonic() > deadline:
+                return length
+            time.sleep(0.1)
+    finally:
+        client.close()
 
 
 async def _probe(channel: grpc.aio.Channel, phase: str) -> dict[str, int]:
@@ -499,8 +518,10 @@ class TestRedisKilled:
         server = start_redis(tmp_path / "redis")
         guard: Guard = guard_for(server, mode)
         holder = {"redis": server}
+        handed_at_kill: list[float] = []
 
         def kill() -> None:
+            handed_at_kill.append(guard.evidence())
             holder["redis"].process.kill()
             holder["redis"].process.wait(timeout=5)
 
@@ -537,8 +558,14 @@ class TestRedisKilled:
             # The restarted Redis (no persistence) decides limits again from scratch.
             assert probe_after == {"allowed": 6, "429": 2}
             if mode != "fail_closed":
-                # Answers were served while Redis was gone; their marks could not be recorded.
+                # Answers were served while Redis was gone: their marks waited, and every one
+                # handed to the ledger since the kill is in the new Redis's stream.
                 assert fault.ledger_errors > 0
+                handed = guard.evidence() - handed_at_kill[0]
+                assert handed > 0
+                stored = _stream_length(holder["redis"], until=handed)
+                print(f"evidence handed since the kill {handed:.0f}, in the new stream {stored}")
+                assert stored >= handed
             guard.assert_healthy()
         finally:
             stop_redis(holder["redis"])
