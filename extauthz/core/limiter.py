@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -186,3 +187,50 @@ def rate_limit_fields(applied: Sequence[AppliedLimit]) -> list[tuple[str, str]]:
         f"{_quoted(a.name)};r={a.state.remaining};t={math.ceil(a.state.reset_s)}" for a in applied
     )
     return [("ratelimit-policy", policies), ("ratelimit", limits)]
+
+
+# An RFC 9651 list member as rate_limit_fields writes it: a name (a quoted string or a token)
+# and its parameters, whose values may be quoted strings too.
+_STRING = r'"(?:[^"\\]|\\.)*"'
+_MEMBER = re.compile(
+    rf'\s*(({_STRING}|[^;,\s]+)(?:\s*;\s*[^;,"\s=]+(?:=(?:{_STRING}|[^;,\s]*))?)*)\s*(?:,|$)'
+)
+
+
+def _members(value: str) -> list[tuple[str, str]]:
+    """The (name as written, member) pairs of a RateLimit or RateLimit-Policy field value."""
+    members = []
+    position = 0
+    while position < len(value):
+        match = _MEMBER.match(value, position)
+        if match is None or match.end() == position:
+            break  # not a list this module wrote: what was read so far stands
+        members.append((match.group(2), match.group(1)))
+        position = match.end()
+    return members
+
+
+def merge_rate_limit_fields(
+    earlier: Sequence[tuple[str, str]], later: Sequence[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """One ``RateLimit-Policy`` and one ``RateLimit`` field out of two sets of them.
+
+    ``earlier`` is what an earlier step answered (Check, before the body was read), ``later``
+    what a later one charged (ext_proc, the instances): a limit named in both takes ``later``'s
+    member in ``earlier``'s place; every other limit of either set is kept, ``earlier``'s first.
+    """
+    if not earlier:
+        return list(later)
+    if not later:
+        return list(earlier)
+    before, after = dict(earlier), dict(later)
+    merged = []
+    for field in ("ratelimit-policy", "ratelimit"):
+        newer = dict(_members(after.get(field, "")))
+        older = _members(before.get(field, ""))
+        names = {name for name, _ in older}
+        members = [newer.get(name, member) for name, member in older]
+        members.extend(member for name, member in newer.items() if name not in names)
+        if members:
+            merged.append((field, ", ".join(members)))
+    return merged

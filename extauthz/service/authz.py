@@ -75,15 +75,24 @@ class AuthorizationService(auth_grpc.AuthorizationServicer):
             info = request_from_check(request, snapshot)
             route = self._routes.route(snapshot, info.path)
             # The raw API key never reaches the model: on the model routes ext_proc still
-            # reads it (and drops it), elsewhere Check drops it here.
-            remove = () if route is not None else (snapshot.policy.identity.api_key_header,)
+            # reads it (and drops it), elsewhere Check drops it here. On the model routes
+            # ext_proc also sends the RateLimit fields, Check's among them.
+            model_route = route is not None
+            remove = () if model_route else (snapshot.policy.identity.api_key_header,)
             decision = await self._core.decide(info, snapshot=snapshot)
             decision = await self._gate.admit(decision, info.headers, snapshot)
             if decision.allowed and not decision.granted_pass:
-                response = self._allowed.get(decision, remove=remove)
+                response = self._allowed.get(
+                    decision, remove=remove, rate_limit_in_metadata=model_route
+                )
             else:
                 response = answer(
-                    decision, info, snapshot, self._gate.widget(snapshot), remove=remove
+                    decision,
+                    info,
+                    snapshot,
+                    self._gate.widget(snapshot),
+                    remove=remove,
+                    rate_limit_in_metadata=model_route,
                 )
         except Exception:  # never let a message crash the handler; Envoy applies its failure mode
             metrics.ERRORS.labels("internal_error").inc()
@@ -119,21 +128,28 @@ class AllowCache:
     """Reuse the CheckResponse of an allow verdict: one client's requests mostly get the same one.
 
     Building the headers and the metadata Struct costs more than deciding. What changes from
-    one request to the next is only the ``RateLimit`` field (units left, seconds until full), so
-    the answer is kept per client, verdict, ``RateLimit-Policy`` and terms of use (a reload
-    may change them), and a request with limits
-    gets a copy (one C-level copy) with its own ``RateLimit`` value; without limits the kept
-    answer itself is returned, never mutated after it is built. Bounded: cleared when full,
-    which costs one rebuild per active client. A pass granted now is never cached.
+    one request to the next is only the ``RateLimit`` value (units left, seconds until full),
+    so the answer is kept per client, verdict, ``RateLimit-Policy``, where the fields go
+    (headers, or metadata for ext_proc) and terms of use (a reload may change them), and a
+    request with limits gets a copy (one C-level copy) with its own ``RateLimit`` value;
+    without limits the kept answer itself is returned, never mutated after it is built.
+    Bounded: cleared when full, which costs one rebuild per active client. A pass granted now
+    is never cached.
     """
 
     def __init__(self, max_entries: int = 8192) -> None:
         self._max = max_entries
         self._responses: dict[_AllowKey, auth_pb2.CheckResponse] = {}
 
-    def get(self, decision: Decision, *, remove: tuple[str, ...] = ()) -> auth_pb2.CheckResponse:
+    def get(
+        self,
+        decision: Decision,
+        *,
+        remove: tuple[str, ...] = (),
+        rate_limit_in_metadata: bool = False,
+    ) -> auth_pb2.CheckResponse:
         """The allow answer of ``decision`` (which grants no pass), dropping the request
-        headers named in ``remove``."""
+        headers named in ``remove``; ``rate_limit_in_metadata`` as in ``envoy.check_ok``."""
         fields = rate_limit_fields(decision.limits)
         identity = decision.identity
         terms = decision.terms
@@ -147,6 +163,7 @@ class AllowCache:
             decision.pass_id,
             fields[0][1] if fields else "",
             remove,
+            rate_limit_in_metadata,
             (terms.url, terms.version) if terms is not None else None,
             identity.terms_accepted,
         )
@@ -154,14 +171,19 @@ class AllowCache:
         if response is None:
             if len(self._responses) >= self._max:
                 self._responses.clear()
-            response = self._responses[key] = envoy.check_ok(decision, remove=remove)
+            response = self._responses[key] = envoy.check_ok(
+                decision, remove=remove, rate_limit_in_metadata=rate_limit_in_metadata
+            )
             return response
         if not fields:
             return response
         answer = auth_pb2.CheckResponse()
         answer.CopyFrom(response)
-        # check_ok puts RateLimit-Policy then RateLimit first in response_headers_to_add.
-        answer.ok_response.response_headers_to_add[1].header.value = fields[1][1]
+        if rate_limit_in_metadata:
+            answer.dynamic_metadata.fields[envoy.RATELIMIT_KEY].string_value = fields[1][1]
+        else:
+            # check_ok puts RateLimit-Policy then RateLimit first in response_headers_to_add.
+            answer.ok_response.response_headers_to_add[1].header.value = fields[1][1]
         return answer
 
 
@@ -175,6 +197,7 @@ _AllowKey = tuple[
     str,
     str,
     tuple[str, ...],
+    bool,
     tuple[str, str] | None,
     str,
 ]
@@ -219,9 +242,11 @@ def answer(
     captcha: CaptchaWidget | None = None,
     *,
     remove: tuple[str, ...] = (),
+    rate_limit_in_metadata: bool = False,
 ) -> auth_pb2.CheckResponse:
     """Turn a decision into Envoy's CheckResponse (shadow mode always allows); an allowing
-    answer drops the request headers named in ``remove``."""
+    answer drops the request headers named in ``remove`` and puts its RateLimit fields in the
+    metadata when ``rate_limit_in_metadata`` (see ``envoy.check_ok``)."""
     return envoy.check_answer(
         decision,
         info.headers,
@@ -230,4 +255,5 @@ def answer(
         pass_ttl_s=snapshot.policy.challenge.pass_ttl_s,
         captcha=captcha,
         remove=remove,
+        rate_limit_in_metadata=rate_limit_in_metadata,
     )

@@ -18,7 +18,7 @@ from extauthz.challenge.captcha import CaptchaWidget
 from extauthz.challenge.page import page_csp, render_challenge_page
 from extauthz.challenge.passes import set_cookie_value
 from extauthz.core.decision import Decision
-from extauthz.core.limiter import rate_limit_fields
+from extauthz.core.limiter import merge_rate_limit_fields, rate_limit_fields
 from extauthz.core.risk import Action
 from extauthz.policy.model import Terms
 
@@ -32,6 +32,10 @@ TERMS_RELATION = "terms-of-service"
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 EXT_PROC_NAMESPACE = "extauthz"
 EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
+# On model routes Check leaves its RateLimit field values in its metadata under these keys, and
+# ext_proc answers the client with one set of fields holding them and the limits it charged.
+RATELIMIT_POLICY_KEY = "ratelimit_policy"
+RATELIMIT_KEY = "ratelimit"
 
 _JSON = "application/json"
 _MESSAGES = {
@@ -133,6 +137,15 @@ def _build_decision_struct(decision: Decision) -> struct_pb2.Struct:
     return struct
 
 
+def rate_limit_from_metadata(struct: struct_pb2.Struct) -> list[tuple[str, str]]:
+    """The RateLimit fields Check left in its metadata for ext_proc, or none."""
+    policy = struct_value(struct, RATELIMIT_POLICY_KEY)
+    value = struct_value(struct, RATELIMIT_KEY)
+    if not policy or not value:
+        return []
+    return [("ratelimit-policy", policy), ("ratelimit", value)]
+
+
 def upstream_headers(decision: Decision) -> list[tuple[str, str]]:
     return [
         (UPSTREAM_CLIENT, decision.identity.client_id),
@@ -177,11 +190,13 @@ def refusal(
     path: str = "/",
     captcha: CaptchaWidget | None = None,
     notice: bool = True,
+    carried: Sequence[tuple[str, str]] = (),
 ) -> tuple[int, list[tuple[str, str]], bytes]:
     """Return (status, headers, body) for a decision that refuses the request: JSON, or for a
     challenge asked by a browser (``accept`` prefers text/html), the page that solves it.
     The body names the terms of use; the headers too unless ``notice`` is False (Envoy adds
-    Check's own to the answer)."""
+    Check's own to the answer). ``carried`` are Check's RateLimit fields (two hops, from its
+    metadata): one set of fields holds them and the decision's limits, the latter winning."""
     message = _MESSAGES.get(decision.error) or _DENY_MESSAGES.get(decision.action, "refused")
     document: dict[str, Any] = {
         "error": decision.error,
@@ -222,7 +237,7 @@ def refusal(
             f"the {limit.unit} limit {limit.name!r} ({limit.quota} per {_window(limit.window_s)}) "
             f"is spent; retry after {decision.retry_after_s} s"
         )
-    headers.extend(rate_limit_fields(decision.limits))
+    headers.extend(merge_rate_limit_fields(carried, rate_limit_fields(decision.limits)))
     if decision.retry_after_s:
         document["retry_after_s"] = decision.retry_after_s
         headers.append(("retry-after", str(decision.retry_after_s)))
@@ -283,10 +298,15 @@ def grant_headers(decision: Decision, *, pass_ttl_s: float) -> list[tuple[str, s
     ]
 
 
-def client_headers(decision: Decision, *, pass_ttl_s: float) -> list[tuple[str, str]]:
+def client_headers(
+    decision: Decision, *, pass_ttl_s: float, carried: Sequence[tuple[str, str]] = ()
+) -> list[tuple[str, str]]:
     """What an allowed request's answer tells the client: its remaining budget in RateLimit
-    fields and a pass granted now. Check and ext_proc add the same ones."""
-    return [*rate_limit_fields(decision.limits), *grant_headers(decision, pass_ttl_s=pass_ttl_s)]
+    fields (merged with Check's ``carried`` ones, as in ``refusal``) and a pass granted now."""
+    return [
+        *merge_rate_limit_fields(carried, rate_limit_fields(decision.limits)),
+        *grant_headers(decision, pass_ttl_s=pass_ttl_s),
+    ]
 
 
 def denial(
@@ -297,6 +317,7 @@ def denial(
     request_id: str,
     captcha: CaptchaWidget | None = None,
     notice: bool = True,
+    carried: Sequence[tuple[str, str]] = (),
 ) -> tuple[int, list[tuple[str, str]], bytes]:
     """The (status, headers, body) refusing a request with these ``headers``: the one answer
     Check puts in its denied_response and ext_proc in its ImmediateResponse."""
@@ -307,6 +328,7 @@ def denial(
         path=path,
         captcha=captcha,
         notice=notice,
+        carried=carried,
     )
 
 
@@ -351,11 +373,19 @@ def check_ok(
     client_headers: Sequence[tuple[str, str]] = (),
     *,
     remove: Sequence[str] = (),
+    rate_limit_in_metadata: bool = False,
 ) -> auth_pb2.CheckResponse:
     """Allow, sending the client's id, tier and risk upstream and the decision as metadata;
     ``client_headers`` go on the answer to the client (a granted pass); ``remove`` names the
-    request headers the upstream must not see (the raw API key)."""
-    return auth_pb2.CheckResponse(
+    request headers the upstream must not see (the raw API key).
+
+    The client's remaining budget goes on its answer as RateLimit fields, or with
+    ``rate_limit_in_metadata`` (a model route, where ext_proc charges the instances next) into
+    the metadata, for ext_proc to send in one set of fields with its own: Envoy adds these
+    headers after ext_proc's, so two sets would reach the client.
+    """
+    fields = rate_limit_fields(decision.limits)
+    response = auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=auth_pb2.OkHttpResponse(
             headers=_header_options(upstream_headers(decision)),
@@ -363,7 +393,7 @@ def check_ok(
             # The client's remaining budget and the terms of use, on the answer it gets.
             response_headers_to_add=_header_options(
                 [
-                    *rate_limit_fields(decision.limits),
+                    *(() if rate_limit_in_metadata else fields),
                     *client_headers,
                     *terms_headers(decision.terms),
                 ],
@@ -372,6 +402,11 @@ def check_ok(
         ),
         dynamic_metadata=decision_struct(decision),
     )
+    if rate_limit_in_metadata and fields:
+        metadata = response.dynamic_metadata.fields
+        metadata[RATELIMIT_POLICY_KEY].string_value = fields[0][1]
+        metadata[RATELIMIT_KEY].string_value = fields[1][1]
+    return response
 
 
 def check_answer(
@@ -383,11 +418,18 @@ def check_answer(
     pass_ttl_s: float,
     captcha: CaptchaWidget | None = None,
     remove: Sequence[str] = (),
+    rate_limit_in_metadata: bool = False,
 ) -> auth_pb2.CheckResponse:
     """Turn a decision into Check's answer: allow with headers and metadata (dropping the
-    request headers named in ``remove``), or the denial."""
+    request headers named in ``remove``; ``rate_limit_in_metadata`` as in ``check_ok``), or
+    the denial, which always carries its RateLimit fields."""
     if decision.allowed:
-        return check_ok(decision, grant_headers(decision, pass_ttl_s=pass_ttl_s), remove=remove)
+        return check_ok(
+            decision,
+            grant_headers(decision, pass_ttl_s=pass_ttl_s),
+            remove=remove,
+            rate_limit_in_metadata=rate_limit_in_metadata,
+        )
     status, answer_headers, body = denial(
         decision, headers, path=path, request_id=request_id, captcha=captcha
     )
@@ -469,12 +511,20 @@ def process_refusal(
     details: str = "",
     with_metadata: bool = True,
     notice: bool = True,
+    carried: Sequence[tuple[str, str]] = (),
 ) -> proc_pb2.ProcessingResponse:
     """Refuse from ext_proc with exactly the status, headers and body Check would have sent,
     and (``with_metadata``) the decision under the ``extauthz`` namespace; ``notice`` False
-    leaves the terms of use headers to Check's answer (two hops)."""
+    leaves the terms of use headers to Check's answer (two hops); ``carried`` are Check's
+    RateLimit fields, sent in one set with the decision's."""
     status, answer_headers, body = denial(
-        decision, headers, path=path, request_id=request_id, captcha=captcha, notice=notice
+        decision,
+        headers,
+        path=path,
+        request_id=request_id,
+        captcha=captcha,
+        notice=notice,
+        carried=carried,
     )
     metadata = {EXT_PROC_NAMESPACE: decision_struct(decision)} if with_metadata else None
     return immediate(

@@ -6,8 +6,10 @@ request_headers  -> identity, route, and (without a Check verdict in metadata) t
                     tier can never need them (mode_override)
 request_body     -> parse model inputs by dialect, apply LLM request rules, count instances,
                     charge them to the limits and to the client's pass
-response_headers -> RateLimit fields, a granted pass and (single hop) the terms of use notice
-                    for the client; skip the body when nothing needs it
+response_headers -> RateLimit fields (in two hops Check's, left in its metadata, merged with
+                    the limits charged here: one set per answer), a granted pass and (single
+                    hop) the terms of use notice for the client; skip the body when nothing
+                    needs it
 response_body    -> charge tokens, hand the answer to the detectors, apply the output pipeline
                     and the watermarks, record marked answers, re-serialize with a correct
                     content-length
@@ -37,7 +39,7 @@ from prometheus_client import Histogram
 from extauthz.challenge.gate import ChallengeGate
 from extauthz.core.decision import Decision, DecisionCore
 from extauthz.core.identity import Identity, RequestInfo, identify
-from extauthz.core.limiter import ChargeMode
+from extauthz.core.limiter import ChargeMode, merge_rate_limit_fields, rate_limit_fields
 from extauthz.core.risk import Action, RiskLevel
 from extauthz.detect.features import numeric_matrix
 from extauthz.detect.pipeline import DetectionPipeline
@@ -130,6 +132,8 @@ class _StreamState:
     done: bool = False
     # No Check ran before this stream: the answer's client headers (terms notice) come from here.
     single_hop: bool = False
+    # Two hops: Check's RateLimit fields, sent here in one set with the limits charged here.
+    check_rate_limit: tuple[tuple[str, str], ...] = ()
     # For the audit line: the guard's own time, and the status and code of an immediate answer.
     busy_s: float = 0.0
     answered_status: int = 0
@@ -226,7 +230,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 )
                 return envoy.immediate(
                     500,
-                    [*_JSON_HEADERS, *_notice(state)],
+                    [*_JSON_HEADERS, *_rate_limit(state), *_notice(state)],
                     body,
                     details="extauthz_internal_error",
                 )
@@ -279,6 +283,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             decision = await self._gate.admit(decision, headers, snapshot)
         else:
             # Two hops: Check charged the request; reuse its verdict, charge nothing here.
+            state.check_rate_limit = check.rate_limit
             identity = identify(info, snapshot)
             if identity.client_id != check.identity.client_id:
                 metrics.ERRORS.labels("identity_mismatch").inc()
@@ -356,6 +361,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         respond = bool(
             tier.limits
             or state.decision.limits
+            or state.check_rate_limit
             or state.decision.granted_pass
             or (state.single_hop and state.decision.terms)
         )
@@ -372,7 +378,8 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         self, state: _StreamState, metadata: dict[str, struct_pb2.Struct]
     ) -> proc_pb2.ProcessingResponse:
         """Open Inference over gRPC: refused, or passed unrewritten and charged the tier's
-        maximum batch (the guard does not read protobuf tensors, and never passes uncounted)."""
+        maximum batch (the guard does not read protobuf tensors, and never passes uncounted);
+        the answer's headers are then seen only to add the RateLimit fields."""
         assert state.route is not None and state.identity is not None and state.snapshot is not None
         state.done = True
         if state.route.binary == "refuse":
@@ -382,6 +389,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                 ("content-type", "application/grpc"),
                 ("grpc-status", "3"),
                 ("grpc-message", "gRPC inference is not accepted on this route"),
+                *_rate_limit(state),
                 *_notice(state),
             ]
             return envoy.immediate(200, grpc_headers, b"", details="extauthz_grpc_refused")
@@ -398,12 +406,14 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             decision = self._core.apply_limits(
                 state.decision, limits, charged.record, state.snapshot
             )
+            state.decision = _merge_limits(state.decision, decision)
             if not decision.allowed:
                 grpc_headers = [
                     ("content-type", "application/grpc"),
                     ("grpc-status", "8"),
                     ("grpc-message", "rate limited"),
                     ("retry-after", str(decision.retry_after_s)),
+                    *_rate_limit(state),
                     *_notice(state),
                 ]
                 return envoy.immediate(200, grpc_headers, b"", details="extauthz_rate_limited")
@@ -411,8 +421,14 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             envoy.upstream_headers(state.decision) if state.decision else (),
             remove=[state.snapshot.policy.identity.api_key_header],
         )
+        granted = state.decision is not None and bool(state.decision.granted_pass)
+        respond = bool(_rate_limit(state) or _notice(state) or granted)
+        state.done = not respond
         return envoy.continue_response(
-            "request_headers", mutation=mutation, metadata=metadata, mode_override=_SKIP_REST
+            "request_headers",
+            mutation=mutation,
+            metadata=metadata,
+            mode_override=_headers_only(respond=True) if respond else _SKIP_REST,
         )
 
     # --- request_body ---------------------------------------------------------------------------
@@ -478,7 +494,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
                     state.done = True
                     return envoy.immediate(
                         status,
-                        [*_JSON_HEADERS, *_notice(state)],
+                        [*_JSON_HEADERS, *_rate_limit(state), *_notice(state)],
                         refusal_body,
                         details="extauthz_request_rule",
                     )
@@ -557,6 +573,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             details=details,
             with_metadata=with_metadata,
             notice=state.single_hop,
+            carried=state.check_rate_limit,
         )
 
     def _refuse_body(
@@ -572,7 +589,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         )
         terms = state.snapshot.policy.terms if state.snapshot is not None else None
         body = envoy.error_body(code, message, request_id=state.request_id, terms=terms)
-        headers = [*_JSON_HEADERS, *_notice(state)]
+        headers = [*_JSON_HEADERS, *_rate_limit(state), *_notice(state)]
         return envoy.immediate(status, headers, body, details=f"extauthz_{code}")
 
     def _decode(self, data: bytes, *, encoding: str) -> bytes:
@@ -589,12 +606,15 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
     ) -> proc_pb2.ProcessingResponse:
         if state.identity is None or state.snapshot is None:
             return envoy.continue_response("response_headers", mode_override=_SKIP_RESPONSE_BODY)
-        # The client's remaining budget and a granted pass travel on the answer, and in single
-        # hop the terms of use (in two hops Check's answer adds them).
+        # The client's remaining budget (every limit applied, by Check or here) and a granted
+        # pass travel on the answer, and in single hop the terms of use (in two hops Check's
+        # answer adds them).
         client_headers: list[tuple[str, str]] = []
         if state.decision is not None:
             client_headers = envoy.client_headers(
-                state.decision, pass_ttl_s=state.snapshot.policy.challenge.pass_ttl_s
+                state.decision,
+                pass_ttl_s=state.snapshot.policy.challenge.pass_ttl_s,
+                carried=state.check_rate_limit,
             )
             client_headers.extend(_notice(state))
         mutation = envoy.header_mutation(append=client_headers) if client_headers else None
@@ -772,6 +792,13 @@ def _notice(state: _StreamState) -> list[tuple[str, str]]:
     return envoy.terms_headers(state.snapshot.policy.terms)
 
 
+def _rate_limit(state: _StreamState) -> list[tuple[str, str]]:
+    """The RateLimit fields of an answer made here: the stream's limits merged with Check's
+    (two hops), in one set."""
+    charged = rate_limit_fields(state.decision.limits) if state.decision is not None else []
+    return merge_rate_limit_fields(state.check_rate_limit, charged)
+
+
 def _merge_limits(before: Decision, after: Decision) -> Decision:
     """Keep the limits ``before`` answered for (the request phase, in single hop) beside the
     ones just applied, each name once, the newest answer winning."""
@@ -894,6 +921,7 @@ class _CheckVerdict:
     reasons: tuple[str, ...]
     enforced: bool
     pass_id: str = ""
+    rate_limit: tuple[tuple[str, str], ...] = ()
 
 
 def _check_verdict(message: proc_pb2.ProcessingRequest) -> _CheckVerdict | None:
@@ -914,4 +942,5 @@ def _check_verdict(message: proc_pb2.ProcessingRequest) -> _CheckVerdict | None:
     identity = Identity(client, envoy.struct_value(struct, "tier"), "anonymous")
     enforced = envoy.struct_value(struct, "enforced") != "false"
     pass_id = envoy.struct_value(struct, "pass")
-    return _CheckVerdict(identity, action, level, reasons, enforced, pass_id)
+    rate_limit = tuple(envoy.rate_limit_from_metadata(struct))
+    return _CheckVerdict(identity, action, level, reasons, enforced, pass_id, rate_limit)

@@ -62,13 +62,44 @@ class TestAllowCache:
             decision = _limited(remaining, reset_s)
             assert cache.get(decision) == envoy.check_ok(decision)
 
+    def test_model_route_answer_keeps_ratelimit_in_metadata(self) -> None:
+        """On a model route the per-request RateLimit value lives in the metadata (for
+        ext_proc), is right for each request, and no RateLimit field goes on the answer."""
+        cache = AllowCache()
+        for remaining, reset_s in ((4, 0.2), (3, 0.4), (2, 0.6), (4, 0.2)):
+            decision = _limited(remaining, reset_s)
+            kept = cache.get(decision, rate_limit_in_metadata=True)
+            assert kept == envoy.check_ok(decision, rate_limit_in_metadata=True)
+            metadata = kept.dynamic_metadata.fields
+            assert metadata[envoy.RATELIMIT_KEY].string_value == (f'"per-second";r={remaining};t=1')
+            assert metadata[envoy.RATELIMIT_POLICY_KEY].string_value == (
+                '"per-second";q=5;w=1;qu="requests"'
+            )
+            added = {o.header.key for o in kept.ok_response.response_headers_to_add}
+            assert not added & {"ratelimit", "ratelimit-policy"}
+
+    def test_route_kinds_do_not_share_answers(self) -> None:
+        """The same verdict off and on a model route gets its fields in headers, then metadata."""
+        cache = AllowCache()
+        decision = _limited(4, 0.2)
+        off_route = cache.get(decision)
+        on_route = cache.get(decision, rate_limit_in_metadata=True)
+        assert off_route == envoy.check_ok(decision)
+        assert on_route == envoy.check_ok(decision, rate_limit_in_metadata=True)
+        assert envoy.RATELIMIT_KEY not in off_route.dynamic_metadata.fields
+        assert [o.header.key for o in off_route.ok_response.response_headers_to_add][:2] == [
+            "ratelimit-policy",
+            "ratelimit",
+        ]
+
     def test_kept_answer_is_never_changed(self) -> None:
         """Answering a later request does not rewrite an answer already handed out."""
-        cache = AllowCache()
-        first = cache.get(_limited(4, 0.2))
-        before = first.SerializeToString()
-        cache.get(_limited(1, 0.8))
-        assert first.SerializeToString() == before
+        for in_metadata in (False, True):
+            cache = AllowCache()
+            first = cache.get(_limited(4, 0.2), rate_limit_in_metadata=in_metadata)
+            before = first.SerializeToString()
+            cache.get(_limited(1, 0.8), rate_limit_in_metadata=in_metadata)
+            assert first.SerializeToString() == before
 
     def test_clients_and_verdicts_do_not_share_answers(self) -> None:
         """Another client, another level or another reason gets its own headers and metadata."""
