@@ -70,7 +70,8 @@ class MemoryStore:
     A record expires ``ttl_s`` after its last activity (``record`` or ``set_level``), or
     at the end of its pin if later; a pin without a TTL keeps it until reset. Expiry is
     lazy: checked on access, and expired records at the old end of the LRU are dropped
-    when a new client arrives.
+    when a new client arrives. Limit states (one TAT per limit and subject) are capped at
+    ``max_limit_keys`` (four per client by default) and dropped once their TAT has passed.
 
     ``clock`` (seconds since the epoch) judges expiry in the methods that take no
     ``now``. Every method is a coroutine only to satisfy the ``Store`` Protocol: none
@@ -138,7 +139,14 @@ class MemoryStore:
                 continue
             self._tats[key] = new
             self._tats.move_to_end(key)
-        # Bounded: a TAT in the past is the same as no state, so the oldest go first.
+        # A TAT at or before now is the same as no state: drop lapsed ones from the old end,
+        # so limits expire as records do (Redis expires the key at its TAT).
+        while self._tats:
+            oldest = next(iter(self._tats))
+            if self._tats[oldest] > now:
+                break
+            del self._tats[oldest]
+        # Bounded: the least recently charged go first.
         while len(self._tats) > self._max_limit_keys:
             self._tats.popitem(last=False)
         return states
