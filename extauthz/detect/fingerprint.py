@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 U64 = npt.NDArray[np.uint64]
+U32 = npt.NDArray[np.uint32]
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 
@@ -68,7 +69,7 @@ _NONFINITE_CODE: Final = -1
 _EMPTY: Final = np.uint64(0)
 # Up to this many evicted slots are found by comparisons, more by a table lookup.
 _FEW_SLOTS: Final = 8
-_STATE_MAGIC: Final = b"FP2"
+_STATE_MAGIC: Final = b"FP3"
 _CROSS_MAGIC: Final = b"XC1"
 # FingerprintDetector state header: magic, top, max_entries, entries stored, queries seen.
 _FP_HEADER: Final = struct.Struct("<3sHIIQ")
@@ -256,6 +257,15 @@ def _row_digests(hashes: U64) -> tuple[U64, I64]:
     return digests, sizes
 
 
+def _stored_values(hashes: U64) -> U32:
+    """Return the 32 low bits of each hash, as the per-client index keeps them (0 stays the
+    padding; a hash whose low bits are 0 becomes 1). A false match of two different windows
+    has odds 2^-32 per pair: far below the ``match_threshold`` shared hashes a flag needs."""
+    low = (hashes & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    low[(low == 0) & (hashes != _EMPTY)] = np.uint32(1)
+    return low
+
+
 def _push_history(history: npt.NDArray[np.uint8], seen: int, flags: npt.NDArray[np.bool_]) -> None:
     """Write ``flags`` into the ring of the last :data:`HISTORY` flags after ``seen`` queries."""
     tail = flags[-HISTORY:]
@@ -281,8 +291,9 @@ class FingerprintDetector:
     The state holds the fingerprints of the client's last ``max_entries`` queries as one sorted
     ``(hash, slot)`` index (slot = query number mod ``max_entries``; the oldest slot is evicted
     when reused), a digest of each slot's hash set, and the flags of its last :data:`HISTORY`
-    queries: 10 bytes per stored hash and 8 per slot, so about ``(10 * top + 8) * max_entries``
-    bytes at most (2 MB at the defaults). A query is a
+    queries: 6 bytes per stored hash (its low 32 bits and its slot) and 8 per filled slot, so about
+    ``(6 * top + 8) * max_entries`` bytes at most (1.2 MB at the defaults, 79 KB at the
+    pipeline's 256). A query is a
     near-duplicate when it shares more than ``match_threshold`` hashes with one earlier query of
     the client (an exact repeat included). Queries of one batch are compared with the stored ones
     and with the batch's earlier rows; slots reused by the batch are evicted after the batch. An
@@ -325,6 +336,7 @@ class FingerprintDetector:
                 history, seen, "near_duplicates", None
             )
         row_digests, sizes = _row_digests(hashes)
+        kept = _stored_values(hashes)
         first = np.ones(n, dtype=bool)
         if n > 1:
             first[:] = False
@@ -340,7 +352,7 @@ class FingerprintDetector:
         rest = np.flatnonzero(~repeat)
         if rest.size:
             # Against the stored queries: a binary search per hash, then pairs per slot.
-            query_values = hashes[rest].ravel()
+            query_values = kept[rest].ravel()
             lo = np.searchsorted(values, query_values, side="left").astype(np.int64)
             hi = np.searchsorted(values, query_values, side="right").astype(np.int64)
             hi = np.where(query_values == _EMPTY, lo, hi)
@@ -356,20 +368,20 @@ class FingerprintDetector:
             matches[rest] = stored
         flags = matches > self.match_threshold
         _push_history(history, seen, flags)
-        values, slots, digests = self._insert(values, slots, digests, hashes, row_digests, seen)
+        values, slots, digests = self._insert(values, slots, digests, kept, row_digests, seen)
         seen += n
         verdict = _share_verdict(history, seen, "near_duplicates", matches)
         return self._dump(values, slots, digests, history, seen), verdict
 
     def _insert(
         self,
-        values: U64,
+        values: U32,
         slots: npt.NDArray[np.uint16],
         digests: U64,
-        hashes: U64,
+        hashes: U32,
         row_digests: U64,
         seen: int,
-    ) -> tuple[U64, npt.NDArray[np.uint16], U64]:
+    ) -> tuple[U32, npt.NDArray[np.uint16], U64]:
         """Evict the slots the new queries reuse, then merge their hashes into the index."""
         n, top = hashes.shape
         kept_rows = hashes[-self.max_entries :]
@@ -405,41 +417,40 @@ class FingerprintDetector:
 
     def _load(
         self, state: bytes | None
-    ) -> tuple[U64, npt.NDArray[np.uint16], U64, npt.NDArray[np.uint8], int]:
+    ) -> tuple[U32, npt.NDArray[np.uint16], U64, npt.NDArray[np.uint8], int]:
         """Parse state bytes; a missing or foreign state (other settings) starts afresh."""
         fresh = (
-            np.zeros(0, dtype=np.uint64),
+            np.zeros(0, dtype=np.uint32),
             np.zeros(0, dtype=np.uint16),
             np.zeros(self.max_entries, dtype=np.uint64),
             np.zeros(HISTORY, dtype=np.uint8),
             0,
         )
-        fixed = _FP_HEADER.size + HISTORY + 8 * self.max_entries
-        if not state or len(state) < fixed:
+        if not state or len(state) < _FP_HEADER.size + HISTORY:
             return fresh
         magic, top, max_entries, entries, seen = _FP_HEADER.unpack_from(state)
+        used = min(int(seen), self.max_entries)  # slots ever filled: only their digests are kept
         if (
             magic != _STATE_MAGIC
             or top != self.fingerprinter.top
             or max_entries != self.max_entries
-            or len(state) != fixed + entries * 10
+            or len(state) != _FP_HEADER.size + HISTORY + 8 * used + entries * 6
         ):
             return fresh
         offset = _FP_HEADER.size
         history = np.frombuffer(state, np.uint8, HISTORY, offset).copy()
         offset += HISTORY
-        digests = np.frombuffer(state, "<u8", self.max_entries, offset).astype(
-            np.uint64, copy=False
-        )
-        offset += 8 * self.max_entries
-        values = np.frombuffer(state, "<u8", entries, offset).astype(np.uint64, copy=False)
-        offset += 8 * entries
+        digests = np.zeros(self.max_entries, dtype=np.uint64)
+        digests[:used] = np.frombuffer(state, "<u8", used, offset)
+        offset += 8 * used
+        values = np.frombuffer(state, "<u4", entries, offset).astype(np.uint32, copy=False)
+        offset += 4 * entries
         slots = np.frombuffer(state, "<u2", entries, offset).astype(np.uint16, copy=False)
         return values, slots, digests, history, int(seen)
 
     def _dump(
         self,
-        values: U64,
+        values: U32,
         slots: npt.NDArray[np.uint16],
         digests: U64,
         history: npt.NDArray[np.uint8],
@@ -452,8 +463,8 @@ class FingerprintDetector:
             (
                 header,
                 history.tobytes(),
-                digests.astype("<u8", copy=False).tobytes(),
-                values.astype("<u8", copy=False).tobytes(),
+                digests[: min(seen, self.max_entries)].astype("<u8", copy=False).tobytes(),
+                values.astype("<u4", copy=False).tobytes(),
                 slots.astype("<u2", copy=False).tobytes(),
             )
         )

@@ -264,7 +264,7 @@ class DetectionPipeline:
             prada=PradaDetector(max_growing=64, max_distances=512, max_classes=32),
             margin=MarginDetector(settings.margin_baseline),
             fingerprint=FingerprintDetector(
-                Fingerprinter(key=self._key, scale=settings.input_scale), max_entries=1024
+                Fingerprinter(key=self._key, scale=settings.input_scale), max_entries=256
             ),
             cross_client=CrossClientDetector(),
             volume=VolumeDetector(sustained_per_min=settings.sustained_per_min),

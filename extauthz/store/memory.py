@@ -72,6 +72,8 @@ class MemoryStore:
     lazy: checked on access, and expired records at the old end of the LRU are dropped
     when a new client arrives. Limit states (one TAT per limit and subject) are capped at
     ``max_limit_keys`` (four per client by default) and dropped once their TAT has passed.
+    Detection states together are capped at ``max_detection_bytes``: past it the least
+    recently observed clients lose theirs (counted as ``detection_state_evicted``).
 
     ``clock`` (seconds since the epoch) judges expiry in the methods that take no
     ``now``. Every method is a coroutine only to satisfy the ``Store`` Protocol: none
@@ -87,12 +89,21 @@ class MemoryStore:
         ttl_s: float = 86_400.0,
         clock: Callable[[], float],
         max_limit_keys: int | None = None,
+        max_detection_bytes: int = 256 * 2**20,
     ) -> None:
         if max_clients < 1:
             raise ValueError(f"max_clients must be at least 1, got {max_clients}")
         if not ttl_s > 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        if max_detection_bytes < 1:
+            raise ValueError(f"max_detection_bytes must be positive, got {max_detection_bytes}")
         self._max_clients = max_clients
+        # Detection states by size, least recently saved first: over the budget the oldest
+        # clients lose theirs (their records stay). Ids of records dropped otherwise still
+        # count until they reach the front, so the budget errs on the side of less memory.
+        self._max_detection_bytes = max_detection_bytes
+        self._detection_sizes: OrderedDict[str, int] = OrderedDict()
+        self._detection_bytes = 0
         self._max_limit_keys = max_limit_keys or 4 * max_clients
         # (tag, limit name) -> TAT, least recently charged first.
         self._tats: OrderedDict[tuple[str, str], float] = OrderedDict()
@@ -218,6 +229,16 @@ class MemoryStore:
             entry = self._admit(client_id, now)
         entry.detection = state
         self._touch(client_id, entry, now)
+        size = sum(len(blob) for blob in state.detectors.values())
+        self._detection_bytes += size - self._detection_sizes.pop(client_id, 0)
+        self._detection_sizes[client_id] = size
+        while self._detection_bytes > self._max_detection_bytes and len(self._detection_sizes) > 1:
+            oldest, freed = self._detection_sizes.popitem(last=False)
+            self._detection_bytes -= freed
+            dropped = self._plain.get(oldest) or self._pinned.get(oldest)
+            if dropped is not None:
+                dropped.detection = None
+                metrics.ERRORS.labels("detection_state_evicted").inc()
 
     @_timed("reset_client")
     async def reset_client(self, client_id: str) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from extauthz.store.base import Store
+from extauthz.store.base import DetectionState, Store
 from extauthz.store.memory import MemoryStore
 from tests.store_contract import (
     LONG_TTL_S,
@@ -117,6 +117,33 @@ class TestMemoryStoreBounds:
         assert await store.get_client("c") is not None
         clock.advance(0.001)
         assert await store.get_client("c") is None
+
+
+class TestMemoryStoreDetectionBudget:
+    """Detection states together stay under their byte budget; the least recently observed
+    clients lose theirs first, and their records stay."""
+
+    async def test_oldest_states_go_first_and_the_total_stays_under_the_budget(
+        self, clock: FakeClock
+    ) -> None:
+        store = MemoryStore(clock=clock, max_detection_bytes=10_000)
+        for i in range(30):
+            await store.record(f"c{i}", tier="t", requests=1, instances=1, now=clock())
+            state = DetectionState({"fingerprint": bytes(1_000)}, 0.1, "normal")
+            await store.save_detection(f"c{i}", state, ttl_s=60)
+        kept = [i for i in range(30) if await store.load_detection(f"c{i}") is not None]
+        assert kept == list(range(20, 30))
+        assert all([await store.get_client(f"c{i}") is not None for i in range(30)])
+
+    async def test_a_client_saving_again_is_counted_once(self, clock: FakeClock) -> None:
+        store = MemoryStore(clock=clock, max_detection_bytes=5_000)
+        for _ in range(50):
+            await store.save_detection("a", DetectionState({"x": bytes(4_000)}), ttl_s=60)
+        assert await store.load_detection("a") is not None
+
+    def test_the_budget_must_be_positive(self, clock: FakeClock) -> None:
+        with pytest.raises(ValueError):
+            MemoryStore(clock=clock, max_detection_bytes=0)
 
 
 class TestMemoryStoreValidation:
