@@ -350,15 +350,16 @@ async def serve(
     # threaded BLAS on a busy node spins for milliseconds (a 64-row product: 0.02 ms or 3 ms).
     threadpool_limits(limits=1)
     guard = await start(settings, keys=keys, noise=noise)
-    # What exists now (modules, policy, servers) lives as long as the process: out of the
-    # collector's sight, a full collection walks only what requests create.
-    gc.collect()
-    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    # What exists now (modules, policy, servers) lives as long as the process: out of the
+    # collector's sight, a full collection walks only what requests create. After the signal
+    # handlers: a SIGTERM during the collection still drains.
+    gc.collect()
+    gc.freeze()
     await stop.wait()
     log.info("signal_received")
     await guard.stop()
