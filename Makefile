@@ -47,6 +47,7 @@ test-e2e: $(STAMP)
 
 bench: $(STAMP) wrk redis
 	$(BIN)/python -m tests.bench.run_bench $(BENCH_ARGS)
+	$(BIN)/python -m tests.bench.bench_check_inprocess
 	$(BIN)/python -m tests.bench.bench_protect --json bench-protect.json
 	$(BIN)/python -m tests.bench.bench_pow --json bench-pow.json
 	$(BIN)/python -m tests.bench.bench_detect_a

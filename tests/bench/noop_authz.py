@@ -5,7 +5,9 @@ The bench runs it behind Envoy to measure the floor of a Python hop (gRPC framin
 parsing, the asyncio loop) with no decision work, so extauthz's Check and Process can be judged
 against what any Python server would cost.
 
-Run as ``python tests/bench/noop_authz.py PORT``.
+Run as ``python tests/bench/noop_authz.py PORT [--guard-answer]``: with the flag every Check is
+answered with the allow answer extauthz gives (headers, RateLimit fields, metadata), so the
+floor includes what the contract asks Envoy to apply.
 """
 
 from __future__ import annotations
@@ -27,8 +29,27 @@ _OK = external_auth_pb2.CheckResponse(
 )
 
 
+def guard_answer() -> external_auth_pb2.CheckResponse:
+    """The allow answer extauthz gives a bench client (upstream headers, RateLimit fields,
+    dynamic metadata), built once: the floor of a Check hop that answers what the guard does."""
+    from extauthz.core.decision import Decision
+    from extauthz.core.identity import Identity
+    from extauthz.core.limiter import AppliedLimit, LimitState
+    from extauthz.core.risk import Action, RiskLevel
+    from extauthz.service import envoy
+
+    identity = Identity("ip:127.0.0.1", "anonymous", "anonymous", address="127.0.0.1")
+    limit = AppliedLimit(
+        "bench", "requests", "client", 1_000_000, 1.0, LimitState(True, 999_999, 0.0)
+    )
+    return envoy.check_ok(Decision(Action.ALLOW, identity, RiskLevel.NORMAL, limits=(limit,)))
+
+
 class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    """Allow every request without looking at it."""
+    """Allow every request without looking at it, with ``answer``."""
+
+    def __init__(self, answer: external_auth_pb2.CheckResponse = _OK) -> None:
+        self._answer = answer
 
     async def Check(  # noqa: N802 (gRPC method name)
         self,
@@ -37,7 +58,7 @@ class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: 
             external_auth_pb2.CheckRequest, external_auth_pb2.CheckResponse
         ],
     ) -> external_auth_pb2.CheckResponse:
-        return _OK
+        return self._answer
 
 
 # One prebuilt answer per phase: the request's oneof name maps to the response's.
@@ -75,10 +96,10 @@ class NoopProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[mi
                 yield _ANSWERS[phase]
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, *, answer: external_auth_pb2.CheckResponse = _OK) -> None:
     """Serve on 127.0.0.1:``port`` until SIGTERM or SIGINT."""
     server = grpc.aio.server()
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(), server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(answer), server)
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(NoopProcessor(), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     if bound == 0:
@@ -94,10 +115,12 @@ async def serve(port: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """Parse the port from ``argv`` and serve."""
-    if len(argv) != 1 or not argv[0].isdigit():
-        raise SystemExit("usage: noop_authz.py PORT")
-    asyncio.run(serve(int(argv[0])))
+    """Parse the port (and ``--guard-answer``) from ``argv`` and serve."""
+    full = "--guard-answer" in argv
+    rest = [a for a in argv if a != "--guard-answer"]
+    if len(rest) != 1 or not rest[0].isdigit():
+        raise SystemExit("usage: noop_authz.py PORT [--guard-answer]")
+    asyncio.run(serve(int(rest[0]), answer=guard_answer() if full else _OK))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ replaced by a ``direct_response`` 200 (no upstream cost):
      whose direct_response is a 10-class answer; wrk POSTs one instance per request; limits,
      detectors, keyed noise, rounding and watermarks all run (``bench-pipeline-policy.yaml``);
   h. the same pipeline in one hop (``envoy/envoy-single-hop.yaml``: ext_proc decides alone);
-  i. set-up d with ``--workers 2``: compare its CPU per request with d's (1 worker).
+  i. set-up d with ``--workers 2``: compare its CPU per request with d's (1 worker);
+  j. set-up b, the no-op answering with the guard's allow answer (headers, RateLimit fields,
+     metadata): the floor of a Check hop that answers what the guard answers.
 
 The access log is dropped in all of them, so the numbers are filters and hops, not disk writes.
 Envoy runs with ``--concurrency 1``; wrk with one thread and N connections for D seconds after a
@@ -95,11 +97,12 @@ SETUPS: dict[str, str] = {
     "g": "full pipeline, two hops (memory)",
     "h": "full pipeline, single hop (memory)",
     "i": "envoy + extauthz Check (redis, 2 workers)",
+    "j": "envoy + noop authz, the guard's answer",
 }
 #: Set-ups whose Envoy keeps the ext_authz filter, and those that keep ext_proc.
-_WITH_AUTHZ = frozenset("bcdfgi")
+_WITH_AUTHZ = frozenset("bcdfgij")
 _WITH_PROC = frozenset("efgh")
-_NOOP = frozenset("bef")
+_NOOP = frozenset("befj")
 #: Set-ups that POST a KServe instance to a model route and get a 10-class answer.
 _PIPELINE = frozenset("gh")
 #: Set-ups on the single-hop Envoy config, and those whose guard uses Redis.
@@ -305,6 +308,8 @@ def _authz_server(setup: str, grpc_port: int, workdir: Path) -> Iterator[Process
         return
     if setup in _NOOP:
         argv = [sys.executable, str(NOOP_AUTHZ), str(grpc_port)]
+        if setup == "j":
+            argv.append("--guard-answer")
         proc = start_process(f"noop-authz-{grpc_port}", argv, workdir=workdir, env=python_env())
         try:
             wait_tcp(grpc_port, timeout_s=15.0, proc=proc)
@@ -427,6 +432,8 @@ def ratios(results: Sequence[SetupResult]) -> dict[str, float]:
     out: dict[str, float] = {}
     for num, den in (
         ("c", "b"),
+        ("c", "j"),
+        ("j", "b"),
         ("d", "b"),
         ("d", "c"),
         ("b", "a"),
@@ -471,7 +478,7 @@ def format_table(results: Sequence[SetupResult], ratio: dict[str, float]) -> str
             f"{name:<36} {w.requests_per_s:>10.0f} {w.p50_ms:>8.3f} {w.p99_ms:>8.3f}"
             f" {w.non_2xx:>8d} {w.socket_errors:>8d} {cpu:>10}"
         )
-    for key in ("c/b", "d/b", "d/c", "b/a", "h/e", "h/g", "i/d"):
+    for key in ("c/b", "c/j", "d/b", "d/c", "b/a", "h/e", "h/g", "i/d"):
         rps, p50 = ratio.get(f"{key}_requests_per_s"), ratio.get(f"{key}_p50")
         cpu = ratio.get(f"{key}_cpu_per_request")
         if rps is not None and p50 is not None:
@@ -488,7 +495,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=8, help="wrk connections")
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"), help="output")
     parser.add_argument(
-        "--setups", default="abcdefghi", help="which set-ups to run, e.g. 'ab' (default: all)"
+        "--setups", default="abcdefghij", help="which set-ups to run, e.g. 'ab' (default: all)"
     )
     parser.add_argument("--path", default="/", help="request path (default: /)")
     parser.add_argument(
