@@ -1,15 +1,21 @@
-"""Run the detectors on one answered request and fold their verdicts into the client's risk.
+"""Run the detectors on answered requests and fold their verdicts into the client's risk.
 
 The pipeline runs after the answer is served (a background task, so no request waits on it):
 it loads the client's detection state from the Store, updates every detector, combines the
 verdicts (core/scoring.py), and saves the state with the new risk, which the next decision for
 the client reads with its record.
+
+One task per client at a time: requests of a client that arrive while its detection runs
+queue up and are detected together next, their instances in arrival order in one observation.
+A client sending many requests at once costs one state load, one update per detector and one
+save per burst, not per request; a client sending one request at a time is detected per
+request, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +107,9 @@ class DetectionPipeline:
         self._suites: dict[tuple[int, str | None], _Suite] = {}
         self._pending: set[asyncio.Task[None]] = set()
         self._max_pending = max_pending
+        # Per client with a detection running: the requests that arrived since it started.
+        self._queued: dict[str, list[_Answered]] = {}
+        self._waiting = 0
 
     def submit(
         self,
@@ -112,10 +121,17 @@ class DetectionPipeline:
         """Detect in the background; when too much is pending, skip and count it."""
         if not snapshot.policy.detection.enabled:
             return
-        if len(self._pending) >= self._max_pending:
+        if self._waiting >= self._max_pending:
             metrics.ERRORS.labels("detection_skipped").inc()
             return
-        task = asyncio.create_task(self._guarded(identity, request, response, snapshot))
+        answered = _Answered(identity, request, response, snapshot, self._clock())
+        self._waiting += 1
+        queue = self._queued.get(identity.client_id)
+        if queue is not None:  # its detection is running: this request joins the next burst
+            queue.append(answered)
+            return
+        self._queued[identity.client_id] = [answered]
+        task = asyncio.create_task(self._run_client(identity.client_id))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
@@ -124,15 +140,29 @@ class DetectionPipeline:
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
-    async def _guarded(
-        self,
-        identity: Identity,
-        request: ParsedRequest,
-        response: ParsedResponse,
-        snapshot: Snapshot,
-    ) -> None:
+    async def _run_client(self, client_id: str) -> None:
+        """Detect the client's queued requests, burst by burst, until none is left."""
         try:
-            await self.observe(identity, request, response, snapshot)
+            while True:
+                burst = self._queued.get(client_id)
+                if not burst:
+                    return
+                self._queued[client_id] = []
+                self._waiting -= len(burst)
+                # One policy at a time: a reload between requests splits the burst.
+                start = 0
+                for end in range(1, len(burst) + 1):
+                    if end == len(burst) or burst[end].snapshot is not burst[start].snapshot:
+                        await self._guarded(burst[start:end])
+                        start = end
+        finally:
+            left = self._queued.pop(client_id, [])
+            self._waiting -= len(left)
+
+    async def _guarded(self, burst: Sequence[_Answered]) -> None:
+        identity = burst[-1].identity
+        try:
+            await self._observe_burst(burst)
         except StoreError as exc:
             metrics.ERRORS.labels("store_unavailable").inc()
             log.warning("detection_store_unavailable", detail=str(exc)[:200])
@@ -148,10 +178,21 @@ class DetectionPipeline:
         snapshot: Snapshot,
     ) -> Risk:
         """Run every detector on one answered request; save and return the client's new risk."""
+        return await self._observe_burst(
+            [_Answered(identity, request, response, snapshot, self._clock())]
+        )
+
+    async def _observe_burst(self, burst: Sequence[_Answered]) -> Risk:
+        """Run every detector once on a client's answered requests (one policy snapshot), their
+        instances in order; save and return the client's new risk."""
+        identity, snapshot = burst[-1].identity, burst[-1].snapshot
         settings = snapshot.policy.detection
         suite = self._suite(settings, snapshot)
         now = self._clock()
-        observation = self._observation(identity, request, response, suite, now)
+        observation = _merged(
+            [self._observation(a.identity, a.request, a.response, suite, a.at) for a in burst],
+            now,
+        )
         previous = await self._store.load_detection(identity.client_id) or DetectionState()
         states = dict(previous.detectors)
         verdicts: dict[str, Verdict] = {}
@@ -280,6 +321,46 @@ class DetectionPipeline:
                 half_life_s=settings.half_life_s,
             ),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Answered:
+    """One answered request waiting for detection."""
+
+    identity: Identity
+    request: ParsedRequest
+    response: ParsedResponse
+    snapshot: Snapshot
+    at: float
+
+
+def _merged(observations: Sequence[Observation], now: float) -> Observation:
+    """One observation of a burst: instances in order, each array field kept only when every
+    request has it with one width (a request without it, or of another width, leaves it out)."""
+    if len(observations) == 1:
+        return observations[0]
+
+    def joined(name: str) -> np.ndarray | None:
+        parts = [getattr(o, name) for o in observations]
+        if any(p is None for p in parts):
+            return None
+        if len({p.shape[1:] for p in parts}) != 1:
+            return None
+        return np.concatenate(parts)
+
+    rows = {name: joined(name) for name in ("vectors", "raw", "top1", "margin")}
+    total = sum(o.instances for o in observations)
+    if any(v is not None and v.shape[0] != total for v in rows.values()):
+        rows = {name: None for name in rows}  # counts disagree: keep only the volume
+    return Observation(
+        client_id=observations[-1].client_id,
+        now=now,
+        instances=total,
+        vectors=rows["vectors"],
+        raw=rows["raw"],
+        top1=rows["top1"],
+        margin=rows["margin"],
+    )
 
 
 def _without_raw(observation: Observation) -> Observation:
