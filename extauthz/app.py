@@ -184,7 +184,7 @@ class Guard:
             task.cancel()
         await self.server.stop(grace_s)
         await self.http_runner.cleanup()
-        if isinstance(self.ledger, BufferedLedger):
+        if self.ledger is not None:
             await self.ledger.close()  # evidence queued during the drain, before the store goes
         await self.store.close()
         if self.captchas is not None:
@@ -333,11 +333,8 @@ async def _warm(store: Store) -> None:
     """Connect to the store and load its scripts before serving: a cold first decision (connect,
     NOSCRIPT, SCRIPT LOAD) can overrun its 50 ms. A store that is down is not fatal: its fail
     mode applies, as for any later outage."""
-    warm = getattr(store, "warm", None)
-    if warm is None:
-        return
     try:
-        await warm()
+        await store.warm()
     except StoreError as exc:
         log.warning("store_warmup_failed", detail=str(exc)[:200])
 

@@ -131,7 +131,8 @@ class AugmentationDetector:
         m = x.shape[0]
         if m == 0:
             return np.zeros(0, dtype=np.bool_)
-        pool = np.concatenate((history[-self.ring :], x)).astype(np.float64)
+        candidates = np.concatenate((history[-self.ring :], x))
+        pool = candidates.astype(np.float64)  # distances in float64: float32 cancels here
         n = pool.shape[0] - m
         rows = pool[n:]
         squares = np.einsum("ij,ij->i", pool, pool)
@@ -144,7 +145,7 @@ class AugmentationDetector:
         k = min(self.nearest, n + m)
         nearest = np.argpartition(distance, k - 1, axis=1)[:, :k]
         usable = np.isfinite(np.take_along_axis(distance, nearest, axis=1))
-        delta = (x[:, None, :] - pool[nearest].astype(np.float32)).astype(np.float32)
+        delta = x[:, None, :] - candidates[nearest]
         found: Bits = (self._match(delta, x) & usable).any(axis=1)
         return found
 

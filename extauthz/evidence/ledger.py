@@ -62,6 +62,10 @@ class Ledger(Protocol):
 
     async def erase(self, client_id: str) -> int: ...
 
+    async def close(self) -> None:
+        """Write what is still queued, if anything is (the guard stops)."""
+        ...
+
 
 class Cipher:
     """AES-GCM for inputs at rest, keyed per key id (so rotation keeps old records readable)."""
@@ -103,19 +107,8 @@ class MemoryLedger:
 
     async def append(self, records: Sequence[EvidenceRecord]) -> None:
         for record in records:
-            data = self._cipher.seal(record.input) if self._cipher else record.input
-            self._records.append(
-                EvidenceRecord(
-                    record.client_id,
-                    record.kid,
-                    record.time,
-                    data,
-                    record.served_label,
-                    record.mark,
-                    record.terms_version,
-                    record.nonce,
-                )
-            )
+            sealed = self._cipher.seal(record.input) if self._cipher else record.input
+            self._records.append(dataclasses.replace(record, input=sealed))
         self._expire()
 
     async def read(
@@ -127,18 +120,7 @@ class MemoryLedger:
             if client_id is not None and record.client_id != client_id:
                 continue
             data = self._cipher.open(record.input) if self._cipher else record.input
-            out.append(
-                EvidenceRecord(
-                    record.client_id,
-                    record.kid,
-                    record.time,
-                    data,
-                    record.served_label,
-                    record.mark,
-                    record.terms_version,
-                    record.nonce,
-                )
-            )
+            out.append(dataclasses.replace(record, input=data))
             if len(out) >= limit:
                 break
         return out
@@ -149,6 +131,9 @@ class MemoryLedger:
         self._records.clear()
         self._records.extend(kept)
         return erased
+
+    async def close(self) -> None:
+        """Nothing is queued: every append is kept at once."""
 
     def _expire(self) -> None:
         horizon = self._clock() - self._retention_s
@@ -288,6 +273,9 @@ class RedisLedger:
         for chunk in range(0, len(doomed), 500):
             await self._client.xdel(self._key, *doomed[chunk : chunk + 500])
         return len(doomed)
+
+    async def close(self) -> None:
+        """Nothing is queued: every append is written before it returns."""
 
     def _record(self, fields: Any) -> EvidenceRecord:
         data = base64.b64decode(_text(_field(fields, "i")))

@@ -16,7 +16,6 @@ from extauthz.challenge.gate import ChallengeGate
 from extauthz.core.decision import Decision, DecisionCore
 from extauthz.core.identity import RequestInfo
 from extauthz.core.limiter import rate_limit_fields
-from extauthz.core.risk import Action, RiskLevel
 from extauthz.policy.loader import Snapshot
 from extauthz.policy.model import Route
 from extauthz.service import envoy
@@ -151,21 +150,13 @@ class AllowCache:
         """The allow answer of ``decision`` (which grants no pass), dropping the request
         headers named in ``remove``; ``rate_limit_in_metadata`` as in ``envoy.check_ok``."""
         fields = rate_limit_fields(decision.limits)
-        identity = decision.identity
         terms = decision.terms
         key = (
-            identity.client_id,
-            identity.tier,
-            decision.level,
-            decision.action,
-            decision.reasons,
-            decision.enforced,
-            decision.pass_id,
+            envoy.decision_key(decision),
             fields[0][1] if fields else "",
             remove,
             rate_limit_in_metadata,
             (terms.url, terms.version) if terms is not None else None,
-            identity.terms_accepted,
         )
         response = self._responses.get(key)
         if response is None:
@@ -187,20 +178,9 @@ class AllowCache:
         return answer
 
 
-_AllowKey = tuple[
-    str,
-    str,
-    RiskLevel,
-    Action,
-    tuple[str, ...],
-    bool,
-    str,
-    str,
-    tuple[str, ...],
-    bool,
-    tuple[str, str] | None,
-    str,
-]
+# The decision's metadata key, the RateLimit-Policy value, the headers removed, whether the
+# RateLimit fields ride in metadata, and the terms in force.
+_AllowKey = tuple[tuple[object, ...], str, tuple[str, ...], bool, tuple[str, str] | None]
 
 
 class RouteCache:

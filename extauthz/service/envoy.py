@@ -88,14 +88,11 @@ def struct_to_python(struct: struct_pb2.Struct) -> dict[str, Any]:
     return converted
 
 
-def decision_struct(decision: Decision) -> struct_pb2.Struct:
-    """The dynamic metadata fields every path emits: client, tier, risk, level, action, reasons.
-
-    Kept per distinct set of values (a client's requests mostly repeat one), as building a
-    Struct costs more than copying it; callers copy it into their answer and never change it.
-    """
+def decision_key(decision: Decision) -> tuple[object, ...]:
+    """What the metadata of ``decision`` is made of: equal keys, equal metadata (answer caches
+    add what else their answers carry)."""
     identity = decision.identity
-    key = (
+    return (
         identity.client_id,
         identity.tier,
         decision.level,
@@ -105,6 +102,15 @@ def decision_struct(decision: Decision) -> struct_pb2.Struct:
         decision.pass_id,
         identity.terms_accepted,
     )
+
+
+def decision_struct(decision: Decision) -> struct_pb2.Struct:
+    """The dynamic metadata fields every path emits: client, tier, risk, level, action, reasons.
+
+    Kept per distinct set of values (a client's requests mostly repeat one), as building a
+    Struct costs more than copying it; callers copy it into their answer and never change it.
+    """
+    key = decision_key(decision)
     struct = _STRUCTS.get(key)
     if struct is None:
         if len(_STRUCTS) >= _MAX_STRUCTS:

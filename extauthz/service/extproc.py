@@ -295,12 +295,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
         state.identity = decision.identity
         state.level = decision.level
         state.decision = decision
-        metrics.DECISIONS.labels(
-            "ext_proc",
-            decision.action.value,
-            decision.identity.tier,
-            metrics.reason_label(decision.reasons),
-        ).inc()
+        _count_decision(decision)
         if not decision.allowed:
             state.done = True
             return self._refusal(decision, state, with_metadata=True)
@@ -534,12 +529,7 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             state.decision = decision
             if not decision.allowed:
                 state.done = True
-                metrics.DECISIONS.labels(
-                    "ext_proc",
-                    decision.action.value,
-                    decision.identity.tier,
-                    metrics.reason_label(decision.reasons),
-                ).inc()
+                _count_decision(decision)
                 return self._refusal(decision, state, details="extauthz_rate_limited")
         return self._continue_request_body(rewritten_body)
 
@@ -781,6 +771,16 @@ class ExternalProcessorService(proc_grpc.ExternalProcessorServicer):
             remove=["content-encoding"] if state.response_encoding not in ("", "identity") else [],
         )
         return envoy.continue_response("response_body", mutation=mutation, body=new_body)
+
+
+def _count_decision(decision: Decision) -> None:
+    """One ext_proc verdict in ``extauthz_decisions_total``."""
+    metrics.DECISIONS.labels(
+        "ext_proc",
+        decision.action.value,
+        decision.identity.tier,
+        metrics.reason_label(decision.reasons),
+    ).inc()
 
 
 def _notice(state: _StreamState) -> list[tuple[str, str]]:

@@ -134,6 +134,11 @@ class Store(Protocol):
         """Return True when the store answers."""
         ...
 
+    async def warm(self) -> None:
+        """Do before serving what a first request would pay inside its budget (connections,
+        scripts); raise StoreError when the store is down."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...

@@ -253,6 +253,9 @@ class MemoryStore:
         """Return True: the store lives in this process."""
         return True
 
+    async def warm(self) -> None:
+        """Do nothing: there is nothing to connect to."""
+
     @_timed("close")
     async def close(self) -> None:
         """Do nothing: there are no connections to release."""

@@ -322,6 +322,13 @@ class RedisStore:
         self._touch_registry_script = client.register_script(_TOUCH_REGISTRY_SCRIPT)
         self._page_script = client.register_script(_PAGE_SCRIPT)
         self._limits_script = client.register_script(_LIMITS_SCRIPT)
+        self._scripts = (
+            self._record_script,
+            self._set_level_script,
+            self._touch_registry_script,
+            self._page_script,
+            self._limits_script,
+        )
         self._helpers = tuple(helpers)
         self._discovered = not cluster  # cluster: slots not yet read
         self._discovery = asyncio.Lock()
@@ -675,13 +682,7 @@ class RedisStore:
         """Do before the first request what it would otherwise pay inside its budget: read the
         cluster's slots, load every script, and open one connection of the store's own."""
         async with self._guard("warm", timeout_s=max(self._timeout_s, _WARM_TIMEOUT_S)):
-            for script in (
-                self._record_script,
-                self._set_level_script,
-                self._touch_registry_script,
-                self._page_script,
-                self._limits_script,
-            ):
+            for script in self._scripts:
                 script.sha = await self._client.script_load(script.script)
             if self._idle is not None and not self._idle:
                 connection = self._new_connection()

@@ -72,14 +72,7 @@ class E2E:
     def access_log(self) -> list[dict[str, Any]]:
         """Envoy's access log lines (JSON), oldest first."""
         assert self.local.envoy is not None
-        lines = []
-        for line in self.local.envoy.output().splitlines():
-            if line.startswith("{"):
-                try:
-                    lines.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return lines
+        return json_lines(self.local.envoy.output())
 
     def model_log(self) -> str:
         assert self.local.model is not None
@@ -88,6 +81,18 @@ class E2E:
     def guard_log(self) -> str:
         assert self.local.guard is not None
         return self.local.guard.output()
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON object lines of a process's output (access log, guard log), oldest first."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return lines
 
 
 @pytest.fixture(scope="session")

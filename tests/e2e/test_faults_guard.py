@@ -12,7 +12,6 @@ guard is really gone, and traffic must recover. Each test prints its figures.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -31,7 +30,7 @@ from aiohttp import web
 from envoy.type.v3 import http_status_pb2
 
 from extauthz.demo import stack
-from tests.e2e.conftest import require_envoy
+from tests.e2e.conftest import json_lines, require_envoy
 from tests.integration.conftest import RedisProcess, start_redis, stop_redis
 from tests.integration.test_faults_redis import (
     CHECK_TIMEOUT_S,
@@ -135,28 +134,12 @@ class Stack:
     def access_log(self) -> list[dict[str, Any]]:
         """Envoy's JSON access log lines."""
         assert self.envoy is not None
-        lines = []
-        for line in self.envoy.output().splitlines():
-            if line.startswith("{"):
-                try:
-                    lines.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return lines
+        return json_lines(self.envoy.output())
 
     def guard_events(self, name: str) -> list[dict[str, Any]]:
         """The guard's JSON log events called ``name`` (workers log to the same file)."""
         assert self.guard is not None
-        found = []
-        for line in self.guard.output().splitlines():
-            if line.startswith("{"):
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if event.get("event") == name:
-                    found.append(event)
-        return found
+        return [event for event in json_lines(self.guard.output()) if event.get("event") == name]
 
     def readyz(self) -> int:
         """The guard's /readyz status; 0 when nothing answers."""

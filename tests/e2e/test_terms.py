@@ -27,7 +27,7 @@ import pytest
 
 from extauthz.admin_client import AdminClient
 from extauthz.demo.local import LocalStack
-from tests.e2e.conftest import require_envoy
+from tests.e2e.conftest import json_lines, require_envoy
 
 KSERVE = "/v1/models/digits:predict"
 TERMS_URL = "https://models.example.test/terms"
@@ -161,14 +161,7 @@ class Mode:
     def access_log(self) -> list[dict[str, Any]]:
         """Envoy's access log lines (JSON), oldest first."""
         assert self.local.envoy is not None
-        lines = []
-        for line in self.local.envoy.output().splitlines():
-            if line.startswith("{"):
-                try:
-                    lines.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return lines
+        return json_lines(self.local.envoy.output())
 
     def logged_terms(self, client: str, field: str, timeout_s: float = 10.0) -> str:
         """The ``field`` of the newest admitted access log line of ``client`` (Envoy writes

@@ -81,31 +81,39 @@ class TestRedisClusterStoreContract(StoreContract):
             yield make
 
 
+async def _commands_of(redis_url: str, action: Callable[[], Awaitable[object]]) -> list[str]:
+    """The commands other than script-internal ones that Redis ran during ``action``.
+
+    Counted on the server: MONITOR lists every command with its client, and marks commands run
+    inside a script as ``lua``; an ECHO from the watcher ends the count.
+    """
+    async with Redis.from_url(redis_url, decode_responses=True, protocol=2) as watcher:
+        async with watcher.monitor() as monitor:
+            await action()
+            await watcher.echo("end-of-count")
+            commands: list[str] = []
+            async with asyncio.timeout(5):
+                while True:
+                    seen = await monitor.next_command()
+                    if seen["command"] == "ECHO end-of-count":
+                        return commands
+                    if seen["client_type"] != "lua":
+                        commands.append(seen["command"])
+
+
 class TestRoundTrips:
     """record() costs the server one command from the store: one round trip."""
 
     async def test_record_is_one_command(
         self, redis_url: str, make_store: MakeRedisStore, clock: FakeClock
     ) -> None:
-        """MONITOR sees exactly one non-script command (EVALSHA) from the store per record().
-
-        Counted on the server: MONITOR lists every command with its client, and marks
-        commands run inside a script as ``lua``; an ECHO from another client ends the count.
-        """
+        """MONITOR sees exactly one non-script command (EVALSHA) from the store per record()."""
         store = await make_store()
         await store.record("warm-up", tier="t", requests=1, instances=1, now=clock())
-        async with Redis.from_url(redis_url, decode_responses=True, protocol=2) as watcher:
-            async with watcher.monitor() as monitor:
-                await store.record("c1", tier="t", requests=1, instances=1, now=clock())
-                await watcher.echo("end-of-count")
-                commands: list[str] = []
-                async with asyncio.timeout(5):
-                    while True:
-                        seen = await monitor.next_command()
-                        if seen["command"] == "ECHO end-of-count":
-                            break
-                        if seen["client_type"] != "lua":
-                            commands.append(seen["command"])
+        commands = await _commands_of(
+            redis_url,
+            lambda: store.record("c1", tier="t", requests=1, instances=1, now=clock()),
+        )
         assert len(commands) == 1, commands
         assert commands[0].startswith("EVALSHA")
 
@@ -123,18 +131,10 @@ class TestRoundTrips:
                 for s in (store._record_script, store._limits_script, store._page_script)  # noqa: SLF001
             ]
             assert await admin.script_exists(*shas) == [True, True, True]
-            async with admin.monitor() as monitor:
-                await store.record("first", tier="t", requests=1, instances=1, now=clock())
-                async with Redis.from_url(redis_url, decode_responses=True, protocol=2) as other:
-                    await other.echo("end-of-count")
-                commands: list[str] = []
-                async with asyncio.timeout(5):
-                    while True:
-                        seen = await monitor.next_command()
-                        if seen["command"] == "ECHO end-of-count":
-                            break
-                        if seen["client_type"] != "lua":
-                            commands.append(seen["command"])
+        commands = await _commands_of(
+            redis_url,
+            lambda: store.record("first", tier="t", requests=1, instances=1, now=clock()),
+        )
         assert len(commands) == 1 and commands[0].startswith("EVALSHA"), commands
 
     async def test_warming_a_store_that_is_down_raises_store_error(self, clock: FakeClock) -> None:

@@ -140,7 +140,10 @@ class TestState:
         assert verdict.score == 0.0
         state, verdict = detector.update(state, Observation("c", 0.0, 2, raw=np.ones((2, 10))))
         assert verdict.score == 0.0
-        assert detector.update(b"AUG1garbage", Observation("c", 0.0, 2, raw=np.ones((2, 10))))
+        # A malformed state starts afresh: the same state as a new client's.
+        fresh, _ = detector.update(None, Observation("c", 0.0, 2, raw=np.ones((2, 10))))
+        garbled, _ = detector.update(b"AUG1garbage", Observation("c", 0.0, 2, raw=np.ones((2, 10))))
+        assert garbled == fresh
         same, verdict = detector.update(state, Observation("c", 0.0, 0))
         assert same == state and verdict.score == 0.0
 

@@ -116,6 +116,12 @@ class TestBursts:
         await pipeline.drain()
         pipeline.submit(_identity("c"), *_answered(rng, 1), snapshot)  # room again
         await pipeline.drain()
+        assert (
+            metrics.REGISTRY.get_sample_value(
+                "extauthz_errors_total", {"reason": "detection_skipped"}
+            )
+            == before + 2
+        )
 
 
 class TestMerged:
